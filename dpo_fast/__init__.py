@@ -1,0 +1,34 @@
+"""dpo_fast: DPO for Llama-family QLoRA models without materializing the [tokens, vocab] logits.
+
+Nothing is patched on import. Public names are imported lazily so that `import dpo_fast`
+stays cheap and importing it never touches transformers or triton.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "linear_log_probs": "dpo_fast.ops.linear_log_probs",
+    "dpo_loss": "dpo_fast.losses",
+    "LOSS_TYPES": "dpo_fast.losses",
+    "fused_linear_dpo_loss": "dpo_fast.fused_dpo",
+    "patch": "dpo_fast.patching",
+    "unpatch": "dpo_fast.patching",
+    "add_reference_adapter": "dpo_fast.patching",
+    "compute_dpo_loss": "dpo_fast.dpo",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpo_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

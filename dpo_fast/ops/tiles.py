@@ -1,0 +1,85 @@
+"""Per-tile steps of the fused head, dispatched to Triton or to their pure-torch mirrors.
+
+The torch versions are line-for-line the same algorithm as the kernels in
+`dpo_fast.kernels.online_softmax` / `dpo_fast.kernels.logit_grad`, so CPU training keeps the
+bounded memory of the chunked design, and the kernels have an executable specification.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, without rounding the product to a 16-bit dtype first."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return a.float() @ b.float()
+
+
+def online_softmax_tile(
+    backend: str,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    v0: int,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    label_logit: torch.Tensor,
+    p_out: Optional[torch.Tensor] = None,
+    alpha_out: Optional[torch.Tensor] = None,
+    stats: Optional[dict] = None,
+) -> None:
+    """In-place online-softmax update with tile z = logits of ids [v0, v0 + z.shape[1])."""
+    if backend == "triton":
+        from dpo_fast.kernels.online_softmax import online_softmax_tile as kernel
+
+        kernel(z, labels, v0, m, s, label_logit, p_out, alpha_out, stats)
+        return
+    n, c = z.shape
+    if n == 0:
+        return
+    t_max, t_arg = z.max(dim=1)
+    m_new = torch.maximum(m, t_max)
+    alpha = torch.exp(m - m_new)
+    e = torch.exp(z - m_new[:, None])
+    local = labels - v0
+    in_tile = (local >= 0) & (local < c)
+    safe = torch.where(in_tile, local, torch.zeros_like(local))
+    if stats is not None:
+        stats["sum_ez"].mul_(alpha).add_((e * z).sum(1))
+        stats["sum_z"].add_(z.sum(1))
+        stats["sum_e2"].mul_(alpha * alpha).add_((e * e).sum(1))
+        stats["argmax"].copy_(torch.where(t_max > m, t_arg + v0, stats["argmax"]))
+    s.mul_(alpha).add_(e.sum(1))
+    label_logit.copy_(torch.where(in_tile, z.gather(1, safe[:, None]).squeeze(1), label_logit))
+    m.copy_(m_new)
+    if p_out is not None:
+        e.scatter_(1, safe[:, None], torch.where(in_tile[:, None], 0.0, e.gather(1, safe[:, None])))
+        p_out.copy_(e)
+        alpha_out.copy_(alpha)
+
+
+def logit_grad_tile(
+    backend: str, z: torch.Tensor, labels: torch.Tensor, v0: int, lse: torch.Tensor, grad: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out = grad * (onehot(labels - v0) - exp(z - lse)), for tile z of ids [v0, v0 + c)."""
+    if backend == "triton":
+        from dpo_fast.kernels.logit_grad import logit_grad_tile as kernel
+
+        return kernel(z, labels, v0, lse, grad, out)
+    n, c = z.shape
+    if n == 0:
+        return out
+    g = -torch.exp(z - lse[:, None])
+    local = labels - v0
+    in_tile = (local >= 0) & (local < c)
+    rows = torch.nonzero(in_tile).squeeze(1)
+    g[rows, local[rows]] += 1.0
+    out.copy_(g.mul_(grad[:, None]))
+    return out

@@ -1,0 +1,202 @@
+"""linear_log_probs vs a float64 autograd reference: Triton kernels (interpreter on CPU) and torch path."""
+import pytest
+import torch
+
+from dpo_fast import linear_log_probs
+from dpo_fast.ops.backend import use_backend
+from dpo_fast.ops.linear_log_probs import chunking, linear_log_probs_with_stats
+
+BACKENDS = ["torch", "triton"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _make(shape, d, vocab, dtype, trainable, with_bias, ignore_frac=0.25):
+    hidden = torch.randn(*shape, d).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, d) / d**0.5 * 3).to(dtype).requires_grad_(trainable)
+    bias = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_(trainable) if with_bias else None
+    labels = torch.randint(0, vocab, shape)
+    flat = labels.view(-1)
+    flat[torch.rand(flat.shape) < ignore_frac] = -100
+    flat[0] = 0  # label in the first vocabulary tile
+    flat[-1] = vocab - 1  # ... and in the last, ragged one
+    if len(shape) == 2:
+        labels[1, :] = -100  # an entirely ignored row
+    return hidden, weight, bias, labels
+
+
+def _reference(hidden, weight, bias, labels):
+    """float64 autograd: materialize logits, log_softmax, gather."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_(weight.requires_grad)
+    b = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    z = h @ w.t() + (b if b is not None else 0)
+    logp = torch.log_softmax(z, -1)
+    mask = labels != -100
+    out = torch.where(mask, logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
+    return out, (h, w, b), z, mask
+
+
+def _materialized_lowp(hidden, weight, bias, labels):
+    """The common low-precision baseline: logits in the input dtype, upcast, log_softmax, gather."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(weight.requires_grad)
+    z = (h @ w.t() + (bias.detach() if bias is not None else 0)).float()
+    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels != -100, logp, 0.0), h, w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize(
+    "shape,d,vocab,chunks",
+    [((3, 23), 72, 1013, (16, 300)), ((37,), 40, 517, (8, 128)), ((2, 9), 33, 1000 + 13, None)],
+    ids=["odd3d", "odd1d", "default-chunks"],
+)
+def test_fp32_matches_float64(backend, trainable, with_bias, shape, d, vocab, chunks):
+    hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, trainable, with_bias)
+    grad_out = torch.randn(shape)
+    ctx = chunking(*chunks) if chunks else _null()
+    with use_backend(backend), ctx:
+        out = linear_log_probs(hidden, weight, labels, bias=bias)
+        (out * grad_out).sum().backward()
+    ref, (h64, w64, b64), _, mask = _reference(hidden, weight, bias, labels)
+    (ref * grad_out).sum().backward()
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    assert (out[~mask] == 0).all()
+    assert _rel(out, ref) < 1e-5
+    assert _rel(hidden.grad, h64.grad) < 1e-5
+    assert (hidden.grad.view(-1, d)[~mask.view(-1)] == 0).all()
+    if trainable:
+        assert _rel(weight.grad, w64.grad) < 1e-5
+        if with_bias:
+            assert _rel(bias.grad, b64.grad) < 1e-5
+    else:
+        assert weight.grad is None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_accuracy(backend, trainable, dtype):
+    shape, d, vocab = (4, 31), 72, 1013
+    hidden, weight, bias, labels = _make(shape, d, vocab, dtype, trainable, with_bias=False)
+    grad_out = torch.randn(shape)
+    with use_backend(backend), chunking(32, 300):
+        out = linear_log_probs(hidden, weight, labels)
+        (out * grad_out).sum().backward()
+    ref, (h64, w64, _), _, _ = _reference(hidden, weight, None, labels)
+    (ref * grad_out).sum().backward()
+    base, hb, wb = _materialized_lowp(hidden, weight, None, labels)
+    (base * grad_out).sum().backward()
+    err = {"logp": _rel(out, ref), "grad_h": _rel(hidden.grad, h64.grad)}
+    base_err = {"logp": _rel(base, ref), "grad_h": _rel(hb.grad, h64.grad)}
+    if trainable:
+        err["grad_w"] = _rel(weight.grad, w64.grad)
+        base_err["grad_w"] = _rel(wb.grad, w64.grad)
+    for k in err:
+        assert err[k] < 1e-2, (k, err[k])
+        # never worse than materializing logits in the same dtype (small slack for rounding luck)
+        assert err[k] <= 1.05 * base_err[k] + 1e-6, (k, err[k], base_err[k])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_match_reference(backend):
+    shape, d, vocab = (2, 17), 40, 777
+    hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, False, True)
+    with use_backend(backend), chunking(8, 200):
+        out, stats = linear_log_probs_with_stats(hidden, weight, labels, bias=bias, stats=True)
+    ref, _, z, mask = _reference(hidden, weight, bias, labels)
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    zero = torch.zeros((), dtype=torch.float64)
+    assert _rel(out, ref) < 1e-5
+    assert _rel(stats["entropy"], torch.where(mask, -(p * logp).sum(-1), zero)) < 1e-5
+    assert _rel(stats["mean_logit"], torch.where(mask, z.mean(-1), zero)) < 1e-5
+    assert _rel(stats["log_sum_p2"], torch.where(mask, torch.log((p * p).sum(-1)), zero)) < 1e-5
+    assert torch.equal(stats["argmax"][mask], z.argmax(-1)[mask])
+    assert (stats["argmax"][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_all_ignored_gives_zeros_and_zero_grad(backend, trainable):
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=trainable)
+    labels = torch.full((3, 5), -100)
+    with use_backend(backend):
+        out = linear_log_probs(hidden, weight, labels)
+        assert out.requires_grad
+        out.sum().backward()
+    assert torch.equal(out, torch.zeros(3, 5))
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    if trainable:
+        assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_no_grad_forward(backend):
+    hidden, weight, _, labels = _make((4, 11), 24, 300, torch.float32, False, False)
+    labels = torch.where(labels == -100, torch.full_like(labels, 7777), labels)
+    with use_backend(backend), torch.no_grad():
+        out = linear_log_probs(hidden, weight, labels, ignore_index=7777)
+    ref, _, _, _ = _reference(hidden, weight, None, torch.where(labels == 7777, -100, labels))
+    assert not out.requires_grad
+    assert _rel(out, ref) < 1e-5
+
+
+def test_confident_tokens_keep_gradient_accuracy():
+    """Near one-hot softmax: the label-excluded E keeps (1 - p_y) W_y - E_excl accurate."""
+    d, vocab = 32, 400
+    weight = torch.randn(vocab, d)
+    labels = torch.randint(0, vocab, (20,))
+    hidden = (weight[labels] * 6).clone().requires_grad_()  # label logit dominates
+    out = linear_log_probs(hidden, weight, labels)
+    g = torch.randn(20)
+    (out * g).sum().backward()
+    ref, (h64, _, _), _, _ = _reference(hidden, weight, None, labels)
+    (ref * g).sum().backward()
+    assert _rel(hidden.grad, h64.grad) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(labels=torch.randint(0, 10, (4, 6))), ValueError, "labels shape"),
+        (dict(hidden=torch.randn(4, 5, 9)), ValueError, "weight.shape[1]"),
+        (dict(labels=torch.full((4, 5), 10)), ValueError, "[0, 10)"),
+        (dict(labels=torch.full((4, 5), -3)), ValueError, "labels must be in"),
+        (dict(labels=torch.zeros(4, 5)), TypeError, "labels must be an integer"),
+        (dict(hidden=torch.zeros(4, 5, 8, dtype=torch.int32)), TypeError, "hidden must be"),
+        (dict(weight=torch.zeros(10, 8, dtype=torch.float64)), TypeError, "weight must be"),
+        (dict(weight=torch.zeros(10, 8, device="meta")), ValueError, "weight is on meta"),
+        (dict(bias=torch.zeros(11)), ValueError, "bias must have shape"),
+        (dict(hidden=torch.full((4, 5, 8), float("nan"))), ValueError, "NaN"),
+    ],
+)
+def test_bad_input_is_named(kwargs, exc, words):
+    args = dict(hidden=torch.randn(4, 5, 8), weight=torch.randn(10, 8), labels=torch.randint(0, 10, (4, 5)))
+    args.update(kwargs)
+    bias = args.pop("bias", None)
+    with pytest.raises(exc) as info:
+        linear_log_probs(args["hidden"], args["weight"], args["labels"], bias=bias)
+    assert words in str(info.value)
+
+
+def test_nan_weight_is_reported():
+    weight = torch.randn(10, 8)
+    weight[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_log_probs(torch.randn(2, 8), weight, torch.tensor([1, 2]))
