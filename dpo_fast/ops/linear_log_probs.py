@@ -231,7 +231,7 @@ def _check_inputs(hidden, weight, labels, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def linear_log_probs_with_stats(
+def compacted_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -239,15 +239,15 @@ def linear_log_probs_with_stats(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     stats: bool = False,
-) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-    """`linear_log_probs` plus, when ``stats``, per-token statistics from the same vocabulary sweep.
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    """Log-probs of the valid tokens only: (logp [n] fp32, flat index [n] into labels, stats or None).
 
-    The statistics (no gradient; 0 at ignored positions) are ``entropy`` (of softmax(z)),
-    ``mean_logit`` (mean of z over the vocabulary), ``argmax`` (int64 id of the largest logit)
-    and ``log_sum_p2`` (log of sum_v p_v^2, for WPO weighting).
+    The valid tokens are those whose label is not ``ignore_index``; ``index`` gives their
+    positions in ``labels.reshape(-1)``, so callers can reduce per sequence with a segmented sum
+    (``index // T``) without a dense [rows, T] detour. ``stats`` as in
+    `linear_log_probs_with_stats`, over the valid tokens.
     """
     _check_inputs(hidden, weight, labels, bias)
-    out_shape = labels.shape
     d = weight.shape[1]
     vocab = weight.shape[0]
     flat_h = hidden.reshape(-1, d)
@@ -275,17 +275,37 @@ def linear_log_probs_with_stats(
     backend = select_backend(h)
     outs = _LinearLogProbs.apply(h.contiguous(), weight, bias, lab, grad_mode, stats, backend)
     logp_valid = outs[0]
-    n_all = flat_l.shape[0]
-    logp = torch.zeros(n_all, device=hidden.device, dtype=torch.float32).index_copy(0, idx, logp_valid)
     if not torch.isfinite(logp_valid).all():
         raise ValueError("weight (or bias) produced non-finite logits: check it for NaN/Inf")
-    extras = None
-    if stats:
-        extras = {}
-        for name, val in zip(STAT_NAMES, outs[1:]):
-            full = torch.zeros(n_all, device=hidden.device, dtype=val.dtype).index_copy(0, idx, val)
-            extras[name] = full.reshape(out_shape)
-    return logp.reshape(out_shape), extras
+    extras = dict(zip(STAT_NAMES, outs[1:])) if stats else None
+    return logp_valid, idx, extras
+
+
+def linear_log_probs_with_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    stats: bool = False,
+) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    """`linear_log_probs` plus, when ``stats``, per-token statistics from the same vocabulary sweep.
+
+    The statistics (no gradient; 0 at ignored positions) are ``entropy`` (of softmax(z)),
+    ``mean_logit`` (mean of z over the vocabulary), ``argmax`` (int64 id of the largest logit)
+    and ``log_sum_p2`` (log of sum_v p_v^2, for WPO weighting). They cost nothing when not asked for.
+    """
+    logp_valid, idx, extras = compacted_log_probs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, stats=stats
+    )
+    n_all = labels.numel()
+
+    def scatter(val: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(n_all, device=val.device, dtype=val.dtype).index_copy(0, idx, val)
+        return full.reshape(labels.shape)
+
+    return scatter(logp_valid), ({k: scatter(v) for k, v in extras.items()} if extras else None)
 
 
 def linear_log_probs(
