@@ -21,7 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from dpo_fast.ops.backend import select_backend
-from dpo_fast.ops.tiles import logit_grad_tile, mm_f32, online_softmax_tile
+from dpo_fast.ops.tiles import addmm_f32_, logit_grad_tile, mm_f32, online_softmax_tile
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STAT_NAMES = ("entropy", "mean_logit", "argmax", "log_sum_p2")
@@ -97,7 +97,7 @@ def _forward_sweep(
             p = torch.empty(z.shape, device=dev, dtype=weight.dtype) if want_e else None
             online_softmax_tile(backend, z, lab, v0, m, s, label_logit[t0:t1], p, alpha, st)
             if want_e:
-                e.mul_(alpha[:, None]).add_(mm_f32(p, w))
+                addmm_f32_(e.mul_(alpha[:, None]), p, w)
         lse[t0:t1] = m + torch.log(s)
         if want_e:
             e.div_(s[:, None])
@@ -139,9 +139,9 @@ def _backward_recompute(
             gz = torch.empty(z.shape, device=z.device, dtype=weight.dtype)
             logit_grad_tile(backend, z, labels[t0:t1], v0, lse[t0:t1], grad[t0:t1], gz)
             if need_h:
-                grad_h[t0:t1] += mm_f32(gz, w)
+                addmm_f32_(grad_h[t0:t1], gz, w)
             if need_w:
-                gw += mm_f32(gz.t(), h)
+                addmm_f32_(gw, gz.t(), h)
             if need_b:
                 gb += gz.float().sum(0)
         if need_w:

@@ -23,6 +23,39 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+_fused_addmm_ok: Optional[bool] = None
+
+
+def _probe_fused_addmm(device: torch.device) -> bool:
+    """Does ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` work here (CUDA, torch >= 2.9)?
+
+    Checked once against the unfused form on a small problem, so a torch without the fp32-output
+    overload (or with different aliasing rules) silently gets the safe path instead.
+    """
+    try:
+        a = torch.randn(64, 48, device=device, dtype=torch.bfloat16)
+        b = torch.randn(48, 32, device=device, dtype=torch.bfloat16)
+        acc = torch.randn(64, 32, device=device)
+        want = acc + a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b, accumulating in fp32 (acc is fp32); one fused GEMM epilogue where possible."""
+    global _fused_addmm_ok
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda:
+        if _fused_addmm_ok is None:
+            _fused_addmm_ok = _probe_fused_addmm(a.device)
+        if _fused_addmm_ok:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.add_(mm_f32(a, b))
+
+
 def online_softmax_tile(
     backend: str,
     z: torch.Tensor,
