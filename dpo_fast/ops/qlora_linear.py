@@ -1,0 +1,162 @@
+"""LoRA linear over a frozen (optionally bitsandbytes 4-bit) base, with a manual backward.
+
+    y = x W^T (+ bias) + scaling * (dropout(x) A^T) B^T
+
+Forward dequantizes W (``bitsandbytes.functional.dequantize_4bit`` for nf4/fp4, double quant
+included) and multiplies with cuBLAS; it saves only x (plus a bool dropout mask when dropout > 0)
+and the tiny [N, r] product ``dropout(x) A^T``. Backward dequantizes W again for ``grad_x`` and
+computes gradients for A and B only: the base weight and bias are frozen, so no grad_W is formed.
+Autograd through peft + bitsandbytes instead keeps the LoRA branch's intermediates and casts.
+
+Dequantize-then-matmul is used on every device. Fusing the nf4 dequantization into a Triton GEMM
+saves one [out, in] temporary per layer but only pays off if it beats cuBLAS at these shapes —
+a GPU-measurement question (benchmarks/step.py), not settled here.
+
+Precision: the base matmul runs in the base layer's compute dtype (bitsandbytes' ``compute_dtype``,
+else x's dtype) like bitsandbytes; the rank-r LoRA products run in the adapter's dtype (peft keeps
+adapters in fp32 by default) but every product that reads an x- or y-sized operand runs in the compute
+dtype with fp32 accumulation (no fp32 copies of activations), as Unsloth does; in fp32 this is exact.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _bnb_linear4bit_type():
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # pragma: no cover - bitsandbytes is optional
+        return None
+    return bnb.nn.Linear4bit
+
+
+def is_supported_base(base: nn.Module) -> bool:
+    """True for a frozen nn.Linear or bitsandbytes Linear4bit (the bases this op handles)."""
+    l4 = _bnb_linear4bit_type()
+    if l4 is not None and isinstance(base, l4):
+        qs = getattr(base.weight, "quant_state", None)
+        return qs is not None and not getattr(qs, "packing_format_for_cpu", False) and not base.weight.requires_grad
+    if type(base) is nn.Linear:
+        return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    return False
+
+
+def base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the base matmul runs in: bitsandbytes' compute_dtype, else x's dtype."""
+    l4 = _bnb_linear4bit_type()
+    if l4 is not None and isinstance(base, l4):
+        return getattr(base, "compute_dtype", None) or x.dtype
+    return x.dtype
+
+
+def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight [out, in] as a dense tensor of `dtype` (dequantized for 4-bit layers)."""
+    l4 = _bnb_linear4bit_type()
+    if l4 is not None and isinstance(base, l4):
+        import bitsandbytes.functional as bnbF
+        w = base.weight
+        return bnbF.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    if isinstance(base, nn.Linear):
+        return base.weight.to(dtype)
+    raise TypeError(f"base must be nn.Linear or bitsandbytes Linear4bit, got {type(base).__name__}")
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool keep-mask shaped like x, each entry kept with probability 1 - p (from torch's RNG)."""
+    return torch.rand(x.shape, device=x.device) >= p
+
+
+def _dropped(x2: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """dropout(x) from the saved keep-mask (x itself when p == 0)."""
+    if p == 0:
+        return x2
+    return x2 * mask.reshape(x2.shape).to(x2.dtype) * (1.0 / (1.0 - p))
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = base(x) + scaling * dropout(x) A^T B^T with base frozen; grads for x, A and B only."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, mask: Optional[torch.Tensor]):
+        in_f = x.shape[-1]
+        x2 = x.reshape(-1, in_f)
+        cdtype = base_compute_dtype(base, x)
+        w = dense_weight(base, cdtype)
+        bias = base.bias.to(cdtype) if base.bias is not None else None
+        y = F.linear(x2.to(cdtype), w, bias).to(x.dtype)
+        del w
+        xd = _dropped(x2, mask, p).to(cdtype)
+        h = (xd @ lora_a.t().to(cdtype)).to(lora_a.dtype)    # [N, r], kept in the adapter dtype
+        del xd
+        y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scaling)
+        ctx.base, ctx.scaling, ctx.p, ctx.x_shape = base, scaling, p, x.shape
+        ctx.save_for_backward(x2, h, lora_a, lora_b, mask if p > 0 else None)
+        return y  # 2-D; the caller reshapes (a view made here would forbid in-place ops on it later)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, lora_a, lora_b, mask = ctx.saved_tensors
+        base, s, p = ctx.base, ctx.scaling, ctx.p
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        cdtype = base_compute_dtype(base, x2)
+        dyc = dy2.to(cdtype)
+        g_h = (dyc @ lora_b.to(cdtype)).to(lora_a.dtype) * s          # [N, r] = dL/dh
+        grad_x = grad_a = grad_b = None
+        if need_a or need_b:
+            if need_b:
+                grad_b = (dyc.t() @ h.to(cdtype)).to(lora_b.dtype) * s  # [out, r]
+            if need_a:
+                xd = _dropped(x2, mask, p).to(cdtype)
+                grad_a = (g_h.t().to(cdtype) @ xd).to(lora_a.dtype)   # [r, in]
+                del xd
+        if need_x:
+            w = dense_weight(base, cdtype)
+            grad_x = dyc @ w
+            del w
+            if p == 0:
+                grad_x.addmm_(g_h.to(cdtype), lora_a.to(cdtype))
+            else:
+                grad_x += _dropped(g_h.to(cdtype) @ lora_a.to(cdtype), mask, p)
+            grad_x = grad_x.to(x2.dtype).view(ctx.x_shape)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
+                dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """base(x) + scaling * dropout(x) @ lora_a.T @ lora_b.T, base frozen.
+
+    Args:
+        x: [..., in] input.
+        base: frozen nn.Linear or bitsandbytes Linear4bit with weight [out, in].
+        lora_a: [r, in] and lora_b: [out, r], the LoRA weights (any float dtype; grads come back in it).
+        scaling: the LoRA scale (alpha / r).
+        dropout_p: LoRA dropout probability, applied to x on the LoRA branch only.
+        mask: optional bool keep-mask shaped like x (drawn with `dropout_mask` when None and p > 0).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
+    if not is_supported_base(base):
+        raise TypeError(f"base must be a frozen nn.Linear or bitsandbytes Linear4bit, got {type(base).__name__}")
+    out_f, in_f = (base.out_features, base.in_features)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features but base expects {in_f}")
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != in_f or lora_b.shape != (out_f, lora_a.shape[0]):
+        raise ValueError(f"lora_a must be [r, {in_f}] and lora_b [{out_f}, r], got {tuple(lora_a.shape)} and "
+                         f"{tuple(lora_b.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0:
+        if mask is None:
+            mask = dropout_mask(x, dropout_p)
+        elif mask.shape != x.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor shaped like x {tuple(x.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+    else:
+        mask = None
+    y = LoRALinearFunction.apply(x, lora_a, lora_b, base, float(scaling), float(dropout_p), mask)
+    return y.view(*x.shape[:-1], out_f)

@@ -1,0 +1,306 @@
+"""Swap dpo_fast's kernels into the decoder body of a Llama-family model (and swap them back).
+
+`patch_body` replaces, per module instance, the bound ``forward`` of
+  * LlamaRMSNorm (and Mistral/Qwen2/Qwen3's copies)       -> dpo_fast.ops.rms_norm
+  * LlamaMLP with a SiLU activation                      -> down_proj(swiglu(gate_proj(x), up_proj(x)))
+  * LlamaAttention                                       -> same forward, rotary embedding by dpo_fast.ops.rope
+  * peft LoRA Linear over nn.Linear / bitsandbytes 4-bit  -> dpo_fast.ops.qlora_linear
+and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
+layers' gradient-checkpointing function (enabling checkpointing if it was off).
+
+Only instance attributes change: classes, parameters, buffers and state-dict keys stay exactly as
+they were, so saving and loading are unaffected; `unpatch_body` deletes the instance forwards (or
+restores the ones that were there before). The rotary embedding is applied by a module-level
+function in each modeling file (``apply_rotary_pos_emb``); while any model is patched that function
+is replaced by a dispatcher which uses dpo_fast's kernel only inside a patched attention module's
+forward and calls the original everywhere else; the original is put back when the last patched model
+is unpatched. Each patched forward falls back to the original one for cases the kernels do not cover
+(merged or disabled adapters, several active adapters, DoRA, 8-bit bases, autocast, ...).
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import sys
+import types
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..ops.offload_checkpoint import offloaded_checkpoint
+from ..ops.qlora_linear import is_supported_base, lora_linear
+from ..ops.rms_norm import rms_norm
+from ..ops.rope import apply_rope
+from ..ops.swiglu import swiglu
+
+__all__ = ["patch_body", "unpatch_body", "BODY_KERNELS"]
+
+#: The switches of patch_body, in the order they are reported.
+BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing")
+
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+_NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
+_MLP_CLASSES = {f"{f}MLP" for f in _FAMILIES}
+_ATTN_CLASSES = {f"{f}Attention" for f in _FAMILIES}
+_SILU_CLASSES = {"SiLU", "SiLUActivation"}
+
+_STATE = "_dpo_fast_body"          # on the causal LM: what patch_body did
+_PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previous instance value or _MISSING)
+_MISSING = "<no instance forward>"
+
+_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_rope_active", default=False)
+_rope_installs: Dict[str, list] = {}   # modeling module name -> [original function, number of patched models]
+
+
+# --------------------------------------------------------------------------------------------------
+# The patched forwards (plain functions bound with types.MethodType, so deepcopy rebinds them).
+
+def _original_forward(module: nn.Module):
+    return type(module).forward.__get__(module)
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _attention_forward(self, *args: Any, **kwargs: Any):
+    token = _ROPE_ACTIVE.set(True)
+    try:
+        return _original_forward(self)(*args, **kwargs)
+    finally:
+        _ROPE_ACTIVE.reset(token)
+
+
+def _lora_plan(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
+    """(A, B, scaling, dropout p) when the fused LoRA op reproduces peft's forward, else None."""
+    if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled():
+        return None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
+        return None
+    if getattr(layer, "fan_in_fan_out", False) or not is_supported_base(layer.base_layer):
+        return None
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None \
+            or lora_b.bias is not None:
+        return None
+    drop = layer.lora_dropout[name]
+    if isinstance(drop, nn.Identity):
+        p = 0.0
+    elif type(drop) is nn.Dropout:
+        p = drop.p if drop.training else 0.0
+    else:
+        return None
+    return lora_a.weight, lora_b.weight, float(layer.scaling[name]), p
+
+
+def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    plan = _lora_plan(self, x, args, kwargs)
+    if plan is None:
+        return _original_forward(self)(x, *args, **kwargs)
+    lora_a, lora_b, scaling, p = plan
+    return lora_linear(x, self.base_layer, lora_a, lora_b, scaling, dropout_p=p)
+
+
+_PATCHED_FUNCS = (_rms_norm_forward, _mlp_forward, _attention_forward, _lora_forward)
+
+
+# --------------------------------------------------------------------------------------------------
+# Module discovery
+
+def _lora_linear_types() -> tuple:
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return ()
+    types_ = [lora_layer.Linear]
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+        if hasattr(lora_bnb, "Linear4bit"):
+            types_.append(lora_bnb.Linear4bit)
+    except ImportError:  # pragma: no cover - bitsandbytes missing
+        pass
+    return tuple(types_)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ in _NORM_CLASSES and isinstance(w, torch.Tensor) and w.dim() == 1
+            and hasattr(m, "variance_epsilon"))
+
+
+def _is_swiglu_mlp(m: nn.Module) -> bool:
+    return (type(m).__name__ in _MLP_CLASSES and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(m, "act_fn", None)).__name__ in _SILU_CLASSES)
+
+
+def _rope_function_owner(m: nn.Module) -> Optional[types.ModuleType]:
+    if type(m).__name__ not in _ATTN_CLASSES:
+        return None
+    owner = sys.modules.get(type(m).__module__)
+    return owner if owner is not None and callable(getattr(owner, "apply_rotary_pos_emb", None)) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Instance-forward swapping
+
+def _set_forward(module: nn.Module, func) -> None:
+    # accelerate's hooks put a wrapper in `forward` and call `_old_forward`: patch underneath them.
+    attr = "_old_forward" if ("forward" in module.__dict__ and "_old_forward" in module.__dict__) else "forward"
+    module.__dict__[_PREV] = (attr, module.__dict__.get(attr, _MISSING))
+    module.__dict__[attr] = types.MethodType(func, module)
+
+
+def _restore_forward(module: nn.Module) -> bool:
+    prev = module.__dict__.pop(_PREV, None)
+    if prev is None:
+        return False
+    attr, value = prev
+    current = module.__dict__.get(attr)
+    if getattr(current, "__func__", None) not in _PATCHED_FUNCS:
+        return False  # replaced by someone else after us: leave theirs
+    if value is _MISSING:
+        del module.__dict__[attr]
+    else:
+        module.__dict__[attr] = value
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The rotary dispatcher
+
+def _make_rope_dispatch(original):
+    sig = inspect.signature(original)
+    default_ud = sig.parameters["unsqueeze_dim"].default if "unsqueeze_dim" in sig.parameters else 1
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if not _ROPE_ACTIVE.get():
+            return original(q, k, cos, sin, *args, **kwargs)
+        if not args and not kwargs:
+            ud = default_ud
+        else:
+            try:
+                bound = sig.bind(q, k, cos, sin, *args, **kwargs)
+            except TypeError:
+                return original(q, k, cos, sin, *args, **kwargs)
+            bound.apply_defaults()
+            ud = bound.arguments.get("unsqueeze_dim", 1)
+        if ud not in (1, 2) or q.shape[-1] != cos.shape[-1]:
+            return original(q, k, cos, sin, *args, **kwargs)
+        return apply_rope(q, k, cos, sin, ud, inplace=True)
+
+    apply_rotary_pos_emb._dpo_fast_original = original
+    return apply_rotary_pos_emb
+
+
+def _install_rope(owner: types.ModuleType) -> None:
+    entry = _rope_installs.get(owner.__name__)
+    if entry is None:
+        original = owner.apply_rotary_pos_emb
+        _rope_installs[owner.__name__] = [original, 1]
+        owner.apply_rotary_pos_emb = _make_rope_dispatch(original)
+    else:
+        entry[1] += 1
+
+
+def _uninstall_rope(owner_name: str) -> None:
+    entry = _rope_installs.get(owner_name)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        owner = sys.modules.get(owner_name)
+        if owner is not None and getattr(owner.apply_rotary_pos_emb, "_dpo_fast_original", None) is entry[0]:
+            owner.apply_rotary_pos_emb = entry[0]
+        del _rope_installs[owner_name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+def _state_holder(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+               qlora_linear: bool = True, offload_checkpointing: bool = False) -> Dict[str, int]:
+    """Swap dpo_fast's body kernels into `model` in place; returns how many modules each switch changed.
+
+    model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 dense), bare or in a
+    peft PeftModel. Patching an already patched model first undoes the previous patch.
+    """
+    holder = _state_holder(model)
+    if _STATE in holder.__dict__:
+        unpatch_body(model)
+    counts = dict.fromkeys(BODY_KERNELS, 0)
+    lora_types = _lora_linear_types()
+    rope_owners: Dict[str, types.ModuleType] = {}
+    for module in model.modules():
+        if _PREV in module.__dict__:
+            continue
+        if rms_norm and _is_norm(module):
+            _set_forward(module, _rms_norm_forward)
+            counts["rms_norm"] += 1
+        elif swiglu and _is_swiglu_mlp(module):
+            _set_forward(module, _mlp_forward)
+            counts["swiglu"] += 1
+        elif rope and _rope_function_owner(module) is not None:
+            owner = _rope_function_owner(module)
+            rope_owners[owner.__name__] = owner
+            _set_forward(module, _attention_forward)
+            counts["rope"] += 1
+        elif qlora_linear and lora_types and isinstance(module, lora_types):
+            _set_forward(module, _lora_forward)
+            counts["qlora_linear"] += 1
+    for owner in rope_owners.values():
+        _install_rope(owner)
+    checkpointing = []
+    if offload_checkpointing:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        any_on = any(m.gradient_checkpointing for m in layers)
+        for m in layers:
+            checkpointing.append((m, m.__dict__.get("_gradient_checkpointing_func", _MISSING),
+                                  m.__dict__.get("gradient_checkpointing", _MISSING)))
+            m._gradient_checkpointing_func = offloaded_checkpoint
+            if not any_on:
+                m.gradient_checkpointing = True
+        counts["offload_checkpointing"] = len(layers)
+    holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
+                               "counts": dict(counts)}
+    return counts
+
+
+def unpatch_body(model: nn.Module) -> nn.Module:
+    """Undo `patch_body`: restore every original forward and checkpointing setting; returns model."""
+    holder = _state_holder(model)
+    state = holder.__dict__.pop(_STATE, None)
+    for module in model.modules():
+        if _PREV in module.__dict__:
+            _restore_forward(module)
+    if state is None:
+        return model
+    for name in state["rope_owners"]:
+        _uninstall_rope(name)
+    for m, func, flag in state["checkpointing"]:
+        for attr, value in (("_gradient_checkpointing_func", func), ("gradient_checkpointing", flag)):
+            if value is _MISSING:
+                m.__dict__.pop(attr, None)
+            else:
+                setattr(m, attr, value)
+    return model

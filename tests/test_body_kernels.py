@@ -1,0 +1,321 @@
+"""Body kernels (RMSNorm, RoPE, SwiGLU, QLoRA linear, offloaded checkpointing) against float64 references
+and against the transformers / peft / bitsandbytes modules they replace.
+
+Both backends run everywhere: "triton" (compiled on a GPU, the Triton interpreter on CPU) and "torch".
+fp32 inputs must match a float64 autograd reference to ~1e-5 (relative, norm-wise); bf16 to ~1e-2.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
+from dpo_fast.ops.qlora_linear import dense_weight, dropout_mask, lora_linear
+from dpo_fast.ops.rms_norm import rms_norm
+from dpo_fast.ops.rope import apply_rope
+from dpo_fast.ops.swiglu import swiglu
+
+BACKENDS = ["triton", "torch"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 13, 72), (5, 33)])
+def test_rms_norm_matches_llama_rms_norm(backend, dtype, shape, device):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], device=device)).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    xa, wa = leaf(x), leaf(w)
+    y = rms_norm(xa, wa, 1e-5, backend=backend)
+    y.backward(dy)
+
+    ref = LlamaRMSNorm(shape[-1], eps=1e-5).to(device=device, dtype=torch.float64)
+    ref.weight.data.copy_(w.double())
+    xr = leaf(x.double())
+    yr = ref(xr)
+    yr.backward(dy.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = TOL[dtype]
+    assert rel(y, yr) < tol
+    assert rel(xa.grad, xr.grad) < tol
+    assert rel(wa.grad, ref.weight.grad) < tol
+    if dtype == torch.bfloat16:  # same rounding points as the bf16 module itself
+        same = LlamaRMSNorm(shape[-1], eps=1e-5).to(device=device, dtype=dtype)
+        same.weight.data.copy_(w)
+        assert rel(y, same(x)) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_fp32_weight_bf16_input_promotes_like_transformers(backend, device):
+    """prepare_model_for_kbit_training keeps norms in fp32 while activations are bf16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(3, 7, 40, device=device, dtype=torch.bfloat16)
+    m = LlamaRMSNorm(40).to(device)
+    m.weight.data.normal_()
+    xa = leaf(x)
+    y = rms_norm(xa, m.weight.detach(), m.variance_epsilon, backend=backend)  # frozen weight: no dw
+    yr = m(x)
+    assert y.dtype == yr.dtype == torch.float32
+    # Same rounding points as transformers, so fp32-tight; except that the Triton *interpreter* casts
+    # fp32 -> bf16 by truncation (a GPU rounds to nearest), which moves some values by one bf16 ulp.
+    interpreted = backend == "triton" and device == "cpu"
+    assert rel(y, yr) < (1e-2 if interpreted else 1e-5)
+    y.sum().backward()
+    assert xa.grad.dtype == torch.bfloat16 and torch.isfinite(xa.grad.float()).all()
+
+
+def test_rms_norm_rejects_bad_weight(device):
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(torch.randn(2, 8, device=device), torch.ones(7, device=device))
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+
+def _llama3_cos_sin(batch, seq, head_dim, device):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=256,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 16})
+    rot = LlamaRotaryEmbedding(cfg).to(device)
+    # different position offsets per row (packed / left-padded batches)
+    pos = torch.arange(seq, device=device)[None] + torch.randint(0, 100, (batch, 1), device=device)
+    dummy = torch.empty(0, device=device, dtype=torch.float64)
+    return rot(dummy, pos)  # float64 cos, sin [B, T, D]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", [1, 2])
+def test_rope_matches_apply_rotary_pos_emb(backend, dtype, inplace, layout, device):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, hq, hk, t, d = 2, 4, 2, 13, 18
+    cos, sin = _llama3_cos_sin(b, t, d, device)
+    # q, k as LlamaAttention makes them: a transposed view of a projection's output
+    q_src = torch.randn(b, t, hq * d, device=device).to(dtype)
+    k_src = torch.randn(b, t, hk * d, device=device).to(dtype)
+    dq = torch.randn(b, hq, t, d, device=device).to(dtype)
+    dk = torch.randn(b, hk, t, d, device=device).to(dtype)
+
+    def views(qs, ks):
+        q = qs.view(b, t, hq, d)
+        k = ks.view(b, t, hk, d)
+        return (q.transpose(1, 2), k.transpose(1, 2)) if layout == 1 else (q, k)
+
+    def grads_as_layout(g):
+        return g if layout == 1 else g.transpose(1, 2)
+
+    qa, ka = leaf(q_src), leaf(k_src)
+    q, k = views(qa * 1, ka * 1)  # non-leaf, so the in-place path is legal
+    qo, ko = apply_rope(q, k, cos.to(dtype), sin.to(dtype), layout, inplace=inplace, backend=backend)
+    torch.autograd.backward((qo, ko), (grads_as_layout(dq), grads_as_layout(dk)))
+
+    qr_, kr_ = leaf(q_src.double()), leaf(k_src.double())
+    qr, kr = apply_rotary_pos_emb(*views(qr_, kr_), cos, sin, unsqueeze_dim=layout)
+    torch.autograd.backward((qr, kr), (grads_as_layout(dq).double(), grads_as_layout(dk).double()))
+    tol = TOL[dtype]
+    assert qo.dtype == dtype and qo.shape == qr.shape and ko.shape == kr.shape
+    assert rel(qo, qr) < tol and rel(ko, kr) < tol
+    assert rel(qa.grad, qr_.grad) < tol and rel(ka.grad, kr_.grad) < tol
+
+
+def test_rope_rejects_mismatched_cos(device):
+    q = torch.randn(1, 2, 5, 8, device=device)
+    with pytest.raises(ValueError, match="cos"):
+        apply_rope(q, q, torch.randn(1, 4, 8, device=device), torch.randn(1, 4, 8, device=device))
+
+
+# ----------------------------------------------------------------------------------------------- SwiGLU
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_silu_times_up(backend, dtype, device):
+    from transformers.activations import ACT2FN
+
+    g = (2 * torch.randn(3, 13, 77, device=device)).to(dtype)
+    u = torch.randn(3, 13, 77, device=device).to(dtype)
+    dh = torch.randn(3, 13, 77, device=device).to(dtype)
+    ga, ua = leaf(g), leaf(u)
+    h = swiglu(ga, ua, backend=backend)
+    h.backward(dh)
+    gr, ur = leaf(g.double()), leaf(u.double())
+    hr = ACT2FN["silu"](gr) * ur
+    hr.backward(dh.double())
+    tol = TOL[dtype]
+    assert h.dtype == dtype
+    assert rel(h, hr) < tol and rel(ga.grad, gr.grad) < tol and rel(ua.grad, ur.grad) < tol
+
+
+def test_swiglu_rejects_shape_mismatch(device):
+    with pytest.raises(ValueError, match="gate and up"):
+        swiglu(torch.randn(2, 3, device=device), torch.randn(2, 4, device=device))
+
+
+# ----------------------------------------------------------------------------------------------- QLoRA
+
+def _peft_lora_layer(base: nn.Module, r: int, alpha: int, dropout: float):
+    """A peft LoRA layer (lora.Linear or lora.Linear4bit) around `base`, with random A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Holder(), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"],
+                                                init_lora_weights=False))
+    return model.base_model.model.proj
+
+
+def _base_layer(kind: str, in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: str) -> nn.Module:
+    w = torch.randn(out_f, in_f, device=device) / in_f ** 0.5
+    if kind == "linear":
+        layer = nn.Linear(in_f, out_f, bias=bias, device=device, dtype=dtype)
+        layer.weight.data.copy_(w)
+        if bias:
+            layer.bias.data.normal_()
+        return layer.requires_grad_(False)
+    bnb = pytest.importorskip("bitsandbytes")
+    quant_type = "nf4" if kind.startswith("nf4") else "fp4"
+    double = kind.endswith("dq")
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=dtype, quant_type=quant_type,
+                              compress_statistics=double)
+    layer.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type=quant_type, compress_statistics=double)
+    if bias:
+        layer.bias = nn.Parameter(torch.randn(out_f, dtype=dtype), requires_grad=False)
+    return layer.to(device)
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "fp4", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_qlora_linear_matches_float64_reference(kind, dtype, dropout, device):
+    in_f, out_f, r, alpha = 72, 40, 8, 16
+    base = _base_layer(kind, in_f, out_f, bias=(kind != "fp4"), dtype=dtype, device=device)
+    a = (torch.randn(r, in_f, device=device) / in_f ** 0.5)  # adapters stay fp32, as peft keeps them
+    bw = torch.randn(out_f, r, device=device) / r ** 0.5
+    x = torch.randn(3, 13, in_f, device=device).to(dtype)
+    x[1, 4] = 0.0  # a fully zero row
+    dy = torch.randn(3, 13, out_f, device=device).to(dtype)
+    mask = dropout_mask(x, dropout) if dropout else None
+    xa, aa, ba = leaf(x), leaf(a), leaf(bw)
+    y = lora_linear(xa, base, aa, ba, alpha / r, dropout_p=dropout, mask=mask)
+    y.backward(dy)
+
+    wd = dense_weight(base, torch.float64).detach()
+    xr, ar, br = leaf(x.double()), leaf(a.double()), leaf(bw.double())
+    xd = xr * mask.double() / (1 - dropout) if dropout else xr
+    yr = F.linear(xr, wd, None if base.bias is None else base.bias.double()) + (alpha / r) * (xd @ ar.t()) @ br.t()
+    yr.backward(dy.double())
+    tol = TOL[dtype] * (3 if dtype == torch.bfloat16 else 1)
+    assert y.dtype == dtype and y.shape == yr.shape
+    assert rel(y, yr) < tol
+    assert rel(xa.grad, xr.grad) < tol
+    assert aa.grad.dtype == torch.float32 and ba.grad.dtype == torch.float32
+    assert rel(aa.grad, ar.grad) < tol and rel(ba.grad, br.grad) < tol
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "linear"])
+def test_qlora_linear_matches_peft_module(kind, device):
+    """Against the peft LoRA layer itself (bitsandbytes' own 4-bit matmul for the base)."""
+    dtype = torch.float32
+    base = _base_layer(kind, 72, 40, bias=True, dtype=dtype, device=device)
+    layer = _peft_lora_layer(base, r=8, alpha=16, dropout=0.0)
+    a, bw = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 13, 72, device=device)
+    dy = torch.randn(2, 13, 40, device=device)
+    xa = leaf(x)
+    y = lora_linear(xa, layer.base_layer, a, bw, layer.scaling["default"])
+    y.backward(dy)
+    ours = (xa.grad, a.grad.clone(), bw.grad.clone())
+    a.grad = bw.grad = None
+    xr = leaf(x)
+    yr = layer(xr)
+    yr.backward(dy)
+    assert rel(y, yr) < 1e-5
+    for got, want in zip(ours, (xr.grad, a.grad, bw.grad)):
+        assert rel(got, want) < 1e-5
+
+
+def test_qlora_linear_rejects_trainable_base(device):
+    base = nn.Linear(8, 4, device=device)
+    with pytest.raises(TypeError, match="frozen"):
+        lora_linear(torch.randn(2, 8, device=device), base, torch.randn(2, 8, device=device),
+                    torch.randn(4, 2, device=device), 1.0)
+
+
+def test_qlora_linear_rejects_bad_dropout(device):
+    base = nn.Linear(8, 4, device=device).requires_grad_(False)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(torch.randn(2, 8, device=device), base, torch.randn(2, 8, device=device),
+                    torch.randn(4, 2, device=device), 1.0, dropout_p=1.0)
+
+
+# ----------------------------------------------------------------------------------------------- checkpointing
+
+class _Block(nn.Module):
+    """A layer with dropout and a frozen part, like a LoRA decoder layer."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.frozen = nn.Linear(d, d).requires_grad_(False)
+        self.lora = nn.Linear(d, d, bias=False)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * torch.tanh(self.frozen(x) + self.lora(self.drop(x)))
+
+
+@pytest.mark.parametrize("input_requires_grad", [True, False])
+def test_offloaded_checkpoint_matches_plain_forward(input_requires_grad, device):
+    d = 24
+    blocks = nn.ModuleList([_Block(d) for _ in range(3)]).to(device).double().train()
+    x = torch.randn(2, 5, d, device=device, dtype=torch.float64)
+
+    def run(ckpt):
+        h = leaf(x) if input_requires_grad else x.clone()
+        torch.manual_seed(1234)
+        out = h
+        for blk in blocks:
+            out = ckpt(blk.forward, out, 0.5) if ckpt else blk(out, 0.5)
+        loss = (out ** 2).sum()
+        blocks.zero_grad(set_to_none=True)
+        loss.backward()  # like torch's reentrant checkpoint: weight grads land in .grad (no autograd.grad)
+        grads = [h.grad] * input_requires_grad + [b.lora.weight.grad for b in blocks]
+        assert all(g is not None for g in grads)
+        return loss.detach(), grads
+
+    loss0, g0 = run(None)
+    loss1, g1 = run(offloaded_checkpoint)
+    assert rel(loss1, loss0) < 1e-12
+    assert len(g1) == len(g0)
+    for a, b in zip(g1, g0):
+        assert rel(a, b) < 1e-12  # same dropout masks in the recompute (RNG restored)
+
+
+def test_offloaded_checkpoint_needs_tensor_input():
+    with pytest.raises(TypeError, match="first positional"):
+        offloaded_checkpoint(lambda: None)

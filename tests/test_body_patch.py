@@ -1,0 +1,211 @@
+"""patch_body on tiny random-weight models: same loss and gradients as the unpatched model, clean unpatch.
+
+The QLoRA model is a 2-layer LlamaForCausalLM (hidden 64, vocab 300, Llama-3 rope scaling) saved with
+random weights and reloaded in 4-bit nf4 with double quantization (bitsandbytes' CPU backend), with
+peft LoRA (random A and B) on every linear layer of the body.
+"""
+import tempfile
+
+import pytest
+import torch
+
+from dpo_fast.ops.backend import use_backend
+from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
+from dpo_fast.patching.body import patch_body, unpatch_body
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB = 300
+ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _llama_config(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                       rope_parameters=dict(ROPE_LLAMA3), **kw)
+
+
+@pytest.fixture(scope="module")
+def qlora_dir():
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(_llama_config()).save_pretrained(d)
+        yield d
+
+
+def _qlora_model(path, dtype, device):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype, device_map={"": device})
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, lora).train()
+
+
+def _batch(device, bsz=2, seq=13):
+    ids = torch.randint(0, VOCAB, (bsz, seq), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return loss.detach(), grads
+
+
+def _graph_ops(loss: torch.Tensor) -> set:
+    """Names of the autograd nodes that produced `loss` (to see which kernels really ran)."""
+    seen, stack, names = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def _assert_close(got, want, tol):
+    loss_g, grads_g = got
+    loss_w, grads_w = want
+    assert rel(loss_g, loss_w) < tol
+    assert grads_g.keys() == grads_w.keys()
+    worst = max(rel(grads_g[n], grads_w[n]) for n in grads_w)
+    assert worst < tol, worst
+
+
+@pytest.mark.parametrize("backend,checkpointing", [
+    ("torch", None), ("torch", "transformers"), ("torch", "offload"), ("triton", None), ("triton", "offload"),
+])
+def test_patched_qlora_llama_matches_unpatched(qlora_dir, backend, checkpointing, device):
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    if checkpointing == "transformers":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    keys = list(model.state_dict().keys())
+    counts = patch_body(model, offload_checkpointing=checkpointing == "offload")
+    assert counts["rms_norm"] == 5 and counts["rope"] == 2 and counts["swiglu"] == 2
+    assert counts["qlora_linear"] == 14  # 7 projections x 2 layers
+    assert counts["offload_checkpointing"] == (2 if checkpointing == "offload" else 0)
+    if checkpointing == "offload":
+        assert all(layer._gradient_checkpointing_func is offloaded_checkpoint and layer.gradient_checkpointing
+                   for layer in model.base_model.model.model.layers)
+    with use_backend(backend):
+        ops = _graph_ops(model(**batch).loss)
+        got = _loss_and_grads(model, batch)
+    if checkpointing == "offload":
+        assert "_OffloadedCheckpointBackward" in ops
+    elif checkpointing is None:  # the kernels really ran (no silent fallback to the original forwards)
+        assert {"RMSNormFunctionBackward", "SwiGLUFunctionBackward", "LoRALinearFunctionBackward"} <= ops
+        # in place on a view, autograd wraps the custom backward in CopySlices
+        assert ("CopySlices" if backend == "triton" else "RoPEFunctionBackward") in ops
+    _assert_close(got, want, 1e-5)
+    assert list(model.state_dict().keys()) == keys
+    unpatch_body(model)
+    _assert_close(_loss_and_grads(model, batch), want, 1e-6)
+
+
+def test_patched_qlora_llama_bf16(qlora_dir, device):
+    model = _qlora_model(qlora_dir, torch.bfloat16, device)
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    patch_body(model)
+    got = _loss_and_grads(model, batch)
+    assert rel(got[0], want[0]) < 1e-2
+    # LoRA grads after two bf16 layers: compare as one vector (single tiny tensors are noisy in bf16)
+    names = sorted(want[1])
+    flat = lambda g: torch.cat([g[n].float().flatten() for n in names])  # noqa: E731
+    assert rel(flat(got[1]), flat(want[1])) < 3e-2
+    unpatch_body(model)
+
+
+def test_unpatch_restores_everything(qlora_dir, device):
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    original_rope = modeling_llama.apply_rotary_pos_emb
+    layers = model.base_model.model.model.layers
+    before = {id(m): dict(m.__dict__) for m in model.modules()}
+    patch_body(model, offload_checkpointing=True)
+    assert modeling_llama.apply_rotary_pos_emb._dpo_fast_original is getattr(original_rope, "_dpo_fast_original",
+                                                                             original_rope)
+    assert "forward" in layers[0].mlp.__dict__ and "forward" in layers[0].self_attn.q_proj.__dict__
+    patch_body(model, rms_norm=False, offload_checkpointing=True)  # re-patching replaces the old patch
+    assert "forward" not in layers[0].input_layernorm.__dict__
+    unpatch_body(model)
+    assert modeling_llama.apply_rotary_pos_emb is original_rope  # the original, unless another model is patched
+    for m in model.modules():
+        assert m.__dict__.keys() == before[id(m)].keys(), type(m).__name__
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    assert "_gradient_checkpointing_func" not in layers[0].__dict__
+
+
+def test_switches_and_fallbacks(qlora_dir, device):
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    counts = patch_body(model, rms_norm=False, rope=False, swiglu=False)
+    assert counts == {"rms_norm": 0, "rope": 0, "swiglu": 0, "qlora_linear": 14, "offload_checkpointing": 0}
+    batch = _batch(device)
+    # disabled adapters (DPO's reference pass) go through peft's own forward
+    with torch.no_grad():
+        with model.disable_adapter():
+            patched_ref = model(**batch).logits
+        unpatch_body(model)
+        with model.disable_adapter():
+            ref = model(**batch).logits
+            ref_patched_after = model(**batch).logits
+    assert rel(patched_ref, ref) < 1e-6 and rel(ref_patched_after, ref) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_patched_full_precision_model_matches(family, device):
+    """A bare (no peft) model with trainable norms: RMSNorm weight gradients go through the kernel."""
+    if family == "llama":
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(_llama_config())
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        model = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                             vocab_size=VOCAB, max_position_embeddings=64))
+    model = model.to(device).train()
+    for n, p in model.named_parameters():
+        if "norm" in n:
+            p.data.normal_(1.0, 0.2)  # non-trivial norm weights
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    counts = patch_body(model)
+    n_norms = 5 if family == "llama" else 9  # qwen3 adds q_norm and k_norm per layer
+    assert counts["rms_norm"] == n_norms and counts["rope"] == 2 and counts["swiglu"] == 2
+    assert counts["qlora_linear"] == 0
+    with use_backend("triton"):
+        _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+    unpatch_body(model)
+
+
+def test_patch_body_rejects_non_module():
+    with pytest.raises(TypeError, match="model"):
+        patch_body(object())
