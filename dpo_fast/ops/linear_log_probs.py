@@ -44,12 +44,12 @@ def chunking(tokens: int, vocab: int) -> Iterator[None]:
 
 
 def _chunk_sizes(n: int, v: int, d: int, on_cuda: bool) -> Tuple[int, int]:
-    """Token and vocabulary chunk sizes: the fp32 logit tile stays <= ~128 MB on GPU, 32 MB on CPU."""
+    """Token and vocabulary chunk sizes: the fp32 logit tile stays <= ~128 MB on GPU, 16 MB on CPU."""
     if _chunk_override is not None:
         return _chunk_override
     if on_cuda:
         return 4096, max(1024, min(v, (128 << 20) // (4 * 4096)))
-    return 1024, max(512, min(v, (32 << 20) // (4 * 1024)))
+    return 1024, max(512, min(v, (16 << 20) // (4 * 1024)))
 
 
 def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:

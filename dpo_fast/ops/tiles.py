@@ -80,14 +80,17 @@ def online_softmax_tile(
     t_max, t_arg = z.max(dim=1)
     m_new = torch.maximum(m, t_max)
     alpha = torch.exp(m - m_new)
-    e = torch.exp(z - m_new[:, None])
+    e = torch.sub(z, m_new[:, None]).exp_()
     local = labels - v0
     in_tile = (local >= 0) & (local < c)
     safe = torch.where(in_tile, local, torch.zeros_like(local))
     if stats is not None:
-        stats["sum_ez"].mul_(alpha).add_((e * z).sum(1))
+        def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # sum(a * b, 1) without a temporary tile
+            return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+        stats["sum_ez"].mul_(alpha).add_(row_dot(e, z))
         stats["sum_z"].add_(z.sum(1))
-        stats["sum_e2"].mul_(alpha * alpha).add_((e * e).sum(1))
+        stats["sum_e2"].mul_(alpha * alpha).add_(row_dot(e, e))
         stats["argmax"].copy_(torch.where(t_max > m, t_arg + v0, stats["argmax"]))
     s.mul_(alpha).add_(e.sum(1))
     label_logit.copy_(torch.where(in_tile, z.gather(1, safe[:, None]).squeeze(1), label_logit))

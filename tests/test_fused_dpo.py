@@ -1,0 +1,169 @@
+"""fused_linear_dpo_loss vs the unfused float64 path (materialized logits, log_softmax, gather, sum, loss)."""
+import math
+
+import pytest
+import torch
+
+from dpo_fast import dpo_loss, fused_linear_dpo_loss
+from dpo_fast.ops.backend import use_backend
+from dpo_fast.ops.linear_log_probs import chunking
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _batch(b, t, d, vocab, *, trainable=False, lengths=None):
+    hidden = torch.randn(2 * b, t, d, requires_grad=True)
+    weight = (torch.randn(vocab, d) / d**0.5 * 2).requires_grad_(trainable)
+    labels = torch.randint(0, vocab, (2 * b, t))
+    prompt = torch.randint(1, t // 2, (2 * b,))
+    prompt[b:] = prompt[:b]  # chosen and rejected share the prompt
+    for r in range(2 * b):
+        end = t if lengths is None else min(t, int(prompt[r]) + lengths[r])
+        labels[r, : prompt[r]] = -100
+        labels[r, end:] = -100
+    labels[0, -1] = vocab - 1 if labels[0, -1] != -100 else -100
+    return hidden, weight, labels
+
+
+def _unfused(hidden, weight, labels, ref_hidden, *, average=False):
+    """float64: per-row masked sums of log_softmax-gathered label log-probs, policy and reference."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_(weight.requires_grad)
+    mask = labels != -100
+
+    def seq(hh, ww):
+        z = hh @ ww.t()
+        lp = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+        lp = torch.where(mask, lp, 0.0)
+        s = lp.sum(1)
+        return (s / mask.sum(1).clamp(min=1) if average else s), z
+
+    pol, z = seq(h, w)
+    with torch.no_grad():
+        ref, _ = seq(ref_hidden.double(), weight.detach().double())
+    return pol, ref, z, mask, h, w
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_sigmoid_matches_unfused(backend, trainable):
+    b, t, d, vocab, beta = 3, 13, 24, 301, 0.3
+    hidden, weight, labels = _batch(b, t, d, vocab, trainable=trainable)
+    ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
+    with use_backend(backend), chunking(16, 128):
+        loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, beta=beta)
+        loss.backward()
+    pol, ref, z, mask, h, w = _unfused(hidden, weight, labels, ref_hidden)
+    logits = beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:]))
+    ref_loss = -torch.nn.functional.logsigmoid(logits).mean()
+    ref_loss.backward()
+    assert _rel(loss, ref_loss) < 1e-5
+    assert _rel(hidden.grad, h.grad) < 1e-5
+    if trainable:
+        assert _rel(weight.grad, w.grad) < 1e-5
+    cr, rr = beta * (pol[:b] - ref[:b]), beta * (pol[b:] - ref[b:])
+    expect = {
+        "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).double().mean(), "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": pol[:b].mean(), "logps/rejected": pol[b:].mean(),
+        "logits/chosen": z[:b][mask[:b]].mean(), "logits/rejected": z[b:][mask[b:]].mean(),
+    }
+    p = torch.softmax(z, -1)
+    expect["entropy"] = (-(p * p.log()).sum(-1))[mask].mean()
+    expect["mean_token_accuracy"] = (z.argmax(-1) == labels)[mask].double().mean()
+    for k, v in expect.items():
+        assert math.isclose(metrics[k], v.item(), rel_tol=1e-4, abs_tol=1e-5), (k, metrics[k], v.item())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+        dict(loss_type="ipo"),
+        dict(loss_type="sigmoid", average_log_prob=True),
+        dict(loss_type="hinge", label_smoothing=0.0),
+        dict(loss_type="sigmoid", use_weighting=True),
+    ],
+    ids=["mpo", "ipo", "average", "hinge", "wpo"],
+)
+def test_loss_options_match_unfused(backend, opts):
+    b, t, d, vocab, beta = 2, 11, 16, 257, 0.2
+    hidden, weight, labels = _batch(b, t, d, vocab)
+    ref_c, ref_r = torch.randn(b) - 20, torch.randn(b) - 20
+    opts = dict(opts)
+    with use_backend(backend), chunking(8, 100):
+        loss, metrics = fused_linear_dpo_loss(
+            hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=beta, **opts
+        )
+        loss.backward()
+    average = opts.pop("average_log_prob", False)
+    use_weighting = opts.pop("use_weighting", False)
+    pol, _, z, mask, h, _ = _unfused(hidden, weight, labels, hidden.detach(), average=average)
+    lengths = mask.sum(1)
+    types = opts["loss_type"] if isinstance(opts["loss_type"], list) else [opts["loss_type"]]
+    kwargs = {}
+    if "sft" in types:
+        kwargs["chosen_nll"] = -pol[:b].sum() / lengths[:b].sum()
+    if use_weighting:
+        logp = torch.log_softmax(z, -1)
+        tok = logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+        lsp2 = torch.logsumexp(2 * logp, -1)
+        w_seq = torch.exp(torch.where(mask, tok - lsp2, 0.0).sum(1) / lengths).detach()
+        kwargs["sample_weights"] = w_seq[:b] * w_seq[b:]
+    ref_losses, _, _ = dpo_loss(
+        pol[:b], pol[b:], ref_c.double(), ref_r.double(), beta=beta,
+        chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], **opts, **kwargs,
+    )
+    ref_loss = ref_losses.mean()
+    ref_loss.backward()
+    assert _rel(loss, ref_loss) < 1e-5
+    assert _rel(hidden.grad, h.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_degenerate_batches(backend):
+    """A pair whose completion is fully masked, very long next to very short completions."""
+    b, t, d, vocab = 3, 40, 16, 200
+    hidden, weight, labels = _batch(b, t, d, vocab, lengths=[37, 1, 20, 1, 37, 0])
+    labels[b + 2] = -100  # rejected completion of pair 2 entirely masked
+    with use_backend(backend), chunking(32, 64):
+        loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=hidden.detach(), beta=0.1)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert (hidden.grad[b + 2] == 0).all()
+    # with the reference equal to the policy, every reward is 0 and the loss is log 2
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+
+
+def test_single_pair_and_reference_free():
+    hidden, weight, labels = _batch(1, 9, 16, 128)
+    loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, loss_type="simpo", beta=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0
+    assert set(metrics) >= {"rewards/chosen", "rewards/margins", "logps/rejected", "entropy"}
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (dict(labels=torch.zeros(3, 9, dtype=torch.long)), "even"),
+        (dict(hidden=torch.randn(2, 8, 16)), "hidden must be"),
+        (dict(ref_chosen_logps=torch.zeros(1)), "both"),
+        (dict(), "reference log-probs are missing"),
+        (dict(ref_chosen_logps=torch.zeros(1), ref_rejected_logps=torch.zeros(1), loss_type="nope"), "unknown loss type"),
+    ],
+)
+def test_bad_input(change, words):
+    hidden, weight, labels = _batch(1, 9, 16, 128)
+    args = dict(hidden=hidden, weight=weight, labels=labels)
+    for k in ("hidden", "labels"):
+        if k in change:
+            args[k] = change.pop(k)
+    with pytest.raises(ValueError, match=words):
+        fused_linear_dpo_loss(args["hidden"], args["weight"], args["labels"], **change)
