@@ -1,0 +1,116 @@
+"""What `dpo_fast.patch` supports, and one place that says so when a model falls outside it.
+
+Supported: transformers causal LMs of the Llama family that share LlamaForCausalLM's modules
+(Llama, Mistral, Qwen2, Qwen3 dense), bare or wrapped by a peft `PeftModel` with LoRA adapters,
+in fp32/bf16/fp16, with base weights unquantized or quantized by bitsandbytes (4-bit nf4/fp4, with or
+without double quantization, or 8-bit). The LM head itself must be a plain (unquantized, LoRA-free)
+linear layer with no logit scaling or soft-capping, which is what transformers and peft produce by
+default for these models.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES: Tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_CLASSES: Tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+SUPPORTED_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_QUANTIZATION = "none, bitsandbytes 4-bit (nf4/fp4, optional double quant), bitsandbytes 8-bit"
+SUPPORTED_PEFT = "none, or a peft PeftModel with LoRA adapters"
+
+SUPPORTED_SUMMARY = (
+    f"dpo_fast supports causal LMs {', '.join(SUPPORTED_CLASSES)} (config.model_type in "
+    f"{list(SUPPORTED_MODEL_TYPES)}), bare or wrapped by peft ({SUPPORTED_PEFT}); dtypes fp32/bf16/fp16; "
+    f"base-weight quantization: {SUPPORTED_QUANTIZATION}; with gradient checkpointing on or off; "
+    "with an unquantized, LoRA-free lm_head and no logit scaling or soft-capping."
+)
+
+# Config attributes that change the logits in ways the fused head does not reproduce.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+class UnsupportedModelError(TypeError):
+    """Raised for a model `dpo_fast.patch` cannot handle; the message lists what is supported."""
+
+
+def _unsupported(reason: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{reason}. {SUPPORTED_SUMMARY}")
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a peft `PeftModel` (without importing peft when it is not installed)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def unwrap_causal_lm(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """Return (causal_lm, peft_model_or_None) for a bare causal LM or a PeftModel around one."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}. {SUPPORTED_SUMMARY}")
+    if is_peft_model(model):
+        return model.get_base_model(), model
+    return model, None
+
+
+def _check_peft(peft_model: nn.Module) -> None:
+    from peft import LoraConfig
+
+    for name, cfg in peft_model.peft_config.items():
+        if not isinstance(cfg, LoraConfig):
+            raise _unsupported(f"peft adapter {name!r} is a {type(cfg).__name__}, not LoRA")
+
+
+def _check_quantization(causal_lm: nn.Module) -> None:
+    qcfg = getattr(causal_lm.config, "quantization_config", None)
+    if qcfg is None:
+        return
+    method = getattr(qcfg, "quant_method", None)
+    if method is None and isinstance(qcfg, dict):
+        method = qcfg.get("quant_method")
+    method = getattr(method, "value", method)
+    if method != "bitsandbytes":
+        raise _unsupported(f"quantization method {method!r} is not supported")
+
+
+def check_lm_head(causal_lm: nn.Module) -> nn.Linear:
+    """Return the LM head if it is a plain linear layer the fused head can read, else raise."""
+    head = causal_lm.get_output_embeddings()
+    if head is None:
+        raise _unsupported(f"{type(causal_lm).__name__} has no output embeddings (lm_head)")
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+        raise _unsupported("LoRA on lm_head is not supported (leave lm_head out of target_modules)")
+    if type(head) is not nn.Linear:
+        raise _unsupported(f"lm_head is a {type(head).__name__}; it must be an unquantized torch.nn.Linear")
+    if head.weight.dtype not in SUPPORTED_DTYPES:
+        raise _unsupported(f"lm_head weight dtype {head.weight.dtype} is not supported")
+    return head
+
+
+def check_supported(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """Validate `model` and return (causal_lm, peft_model_or_None); raise UnsupportedModelError otherwise."""
+    causal_lm, peft_model = unwrap_causal_lm(model)
+    config = getattr(causal_lm, "config", None)
+    model_type = getattr(config, "model_type", None)
+    cls = type(causal_lm).__name__
+    if model_type not in SUPPORTED_MODEL_TYPES or cls not in SUPPORTED_CLASSES:
+        raise _unsupported(f"unsupported architecture {cls} (model_type={model_type!r})")
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise _unsupported(f"config.{attr}={value!r} changes the logits")
+    if peft_model is not None:
+        _check_peft(peft_model)
+    _check_quantization(causal_lm)
+    check_lm_head(causal_lm)
+    return causal_lm, peft_model

@@ -1,0 +1,112 @@
+"""dpo_fast.integrations.trl: an unmodified trl.DPOTrainer trains with dpo_fast's head (CPU, tiny model)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="trl is not installed (optional dependency: pip install 'trl>=1,<2')")
+
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+import dpo_fast.integrations.trl as dtrl  # noqa: E402
+from dpo_fast.patching import is_patched  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def dataset(n: int = 8) -> Dataset:
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+    def text(k):
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g))
+
+    rows = [{"prompt": text(int(torch.randint(3, 7, (), generator=g))),
+             "chosen": " " + text(int(torch.randint(2, 8, (), generator=g))),
+             "rejected": " " + text(int(torch.randint(2, 8, (), generator=g)))} for _ in range(n)]
+    return Dataset.from_list(rows)
+
+
+def build(seed_state, tok, data, tmp_path, name):
+    torch.set_rng_state(seed_state)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    args = trl.DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3,
+                         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                         beta=0.2, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    return trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+
+
+def test_dpo_trainer_with_and_without_enable(tmp_path):
+    tok, data = tokenizer(), dataset()
+    state = torch.get_rng_state()
+    dtrl.disable()
+    plain = build(state, tok, data, tmp_path, "plain")
+    assert not is_patched(plain.model)
+    try:
+        dtrl.enable(body=False)
+        assert dtrl.is_enabled()
+        fast = build(state, tok, data, tmp_path, "fast")
+    finally:
+        dtrl.disable()
+    assert is_patched(fast.model) and not dtrl.is_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain.train()
+        fast.train()
+    logs = [[h for h in t.state.log_history if "loss" in h] for t in (plain, fast)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                    "logps/rejected", "entropy", "logits/chosen", "mean_token_accuracy"):
+            assert math.isfinite(a[key]) and math.isfinite(b[key]), key
+    first_plain, first_fast = logs[0][0], logs[1][0]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected",
+                "mean_token_accuracy"):
+        a, b = first_plain[key], first_fast[key]
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (key, a, b)
+    # training moved the adapter in both runs
+    assert logs[1][-1]["rewards/margins"] != logs[1][0]["rewards/margins"]
+
+
+def test_enable_rejects_bad_options_and_unsupported_versions(monkeypatch):
+    with pytest.raises(TypeError, match="unknown option"):
+        dtrl.enable(fused=True)
+    monkeypatch.setattr(trl, "__version__", "0.9.6")
+    with pytest.raises(RuntimeError, match="0.9.6 is not supported"):
+        dtrl.enable()
+    assert not dtrl.is_enabled()
+
+
+def test_unsupported_model_falls_back_to_trl_head():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dtrl.enable(body=False)
+    try:
+        import trl.trainer.dpo_trainer as mod
+
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+        with pytest.warns(UserWarning, match="TRL's own fused head"):
+            mod.add_fused_lm_head(gpt2, outputs=("log_probs",))
+        assert not is_patched(gpt2)
+        ids = torch.randint(0, 64, (2, 9))
+        out = gpt2(input_ids=ids, labels=ids, fused_lm_head=True)
+        assert out.log_probs.shape == (2, 8) and torch.isfinite(out.log_probs).all()
+    finally:
+        dtrl.disable()
