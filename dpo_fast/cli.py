@@ -1,0 +1,236 @@
+"""The `dpo-fast` command line: `train` (DPO), `sft`, `demo` and `bench`.
+
+    dpo-fast train --model CKPT_DIR --data pairs.jsonl --output out/ [--load-in-4bit] [options]
+    dpo-fast sft   --model CKPT_DIR --data pairs.jsonl --output sft_out/
+    dpo-fast train --model CKPT_DIR --adapter sft_out/ --data pairs.jsonl --output dpo_out/
+    dpo-fast demo
+    dpo-fast bench [benchmark arguments]        (runs `python -m benchmarks ...`)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from dpo_fast.train.config import (BAD_ROW_POLICIES, DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS,
+                                   TRUNCATION_MODES, TrainConfig)
+
+
+def _csv_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """Flatten repeatable, comma-separated values: ['a,b', 'c'] -> ['a', 'b', 'c']."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in str(item).split(",") if v.strip()]
+
+
+def _float_list(values: Optional[Sequence[str]], flag: str) -> Optional[List[float]]:
+    items = _csv_list(values)
+    if items is None:
+        return None
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag}: expected numbers, got {items}") from None
+
+
+def _kwarg(text: str) -> tuple:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--loss-kwarg: expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed: Any = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
+    """Every TrainConfig option as a flag."""
+    d = TrainConfig(stage=stage)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="local transformers checkpoint dir, or a config (JSON file / dir with config.json) "
+                        "for a random-init model")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
+    g.add_argument("--load-in-4bit", action="store_true", help="nf4 weights, bf16 compute (QLoRA)")
+    g.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
+    g.add_argument("--lora-r", type=int, default=d.lora_r)
+    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--target-modules", action="append", default=None,
+                   help="LoRA target modules (repeatable or comma list; default: every linear layer of the blocks)")
+    g.add_argument("--adapter", default=None,
+                   help="continue this LoRA adapter (e.g. from `dpo-fast sft`); its starting weights become the "
+                        "frozen 'ref' adapter")
+    g.add_argument("--no-patch", action="store_true", help="do not patch the model with dpo_fast")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--gradient-checkpointing", action="store_true")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="JSONL, JSON, Parquet, or a `datasets` dataset saved on disk")
+    g.add_argument("--max-length", type=int, default=d.max_length)
+    g.add_argument("--max-prompt-length", type=int, default=None)
+    g.add_argument("--truncation-mode", choices=TRUNCATION_MODES, default=d.truncation_mode)
+    g.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default=d.on_bad_row)
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
+
+    if stage == "dpo":
+        g = p.add_argument_group("loss")
+        g.add_argument("--loss-type", action="append", default=None,
+                       help="loss type(s) of dpo_fast.LOSS_TYPES (repeatable or comma list; default sigmoid)")
+        g.add_argument("--loss-weights", action="append", default=None, help="one weight per loss type")
+        g.add_argument("--beta", type=float, default=d.beta)
+        g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+        g.add_argument("--reference-free", action="store_true")
+        g.add_argument("--ld-alpha", type=float, default=None, help="LD-DPO length weight in [0, 1]")
+        g.add_argument("--average-log-prob", action="store_true")
+        g.add_argument("--f-divergence-type", default=None)
+        g.add_argument("--simpo-gamma", type=float, default=None)
+        g.add_argument("--loss-kwarg", action="append", type=_kwarg, default=[], metavar="KEY=VALUE",
+                       help="any further dpo_fast.dpo_loss keyword (repeatable)")
+        g.add_argument("--precompute-ref", action="store_true",
+                       help="compute reference log-probs once, cached in OUTPUT/ref_cache")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR[stage]:g})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="auto: bitsandbytes paged 8-bit AdamW on CUDA, else AdamW")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--seed", type=int, default=d.seed)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="output directory")
+    g.add_argument("--logging-steps", type=int, default=d.logging_steps)
+    g.add_argument("--eval-steps", type=int, default=None)
+    g.add_argument("--save-steps", type=int, default=None)
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="resume from the latest checkpoint in OUTPUT (or the given checkpoint dir)")
+    g.add_argument("--merge", action="store_true", help="also write merged weights to OUTPUT/merged")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--no-tensorboard", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
+    """The TrainConfig a parsed `train` / `sft` command line describes."""
+    fields: Dict[str, Any] = dict(
+        model=args.model, tokenizer=args.tokenizer, data=args.data, output=args.output, stage=stage,
+        load_in_4bit=args.load_in_4bit, use_lora=not args.full_finetune, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=_csv_list(args.target_modules),
+        adapter=args.adapter, patch=not args.no_patch, precision=args.precision, device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode,
+        on_bad_row=args.on_bad_row, eval_fraction=args.eval_fraction,
+        group_by_length=not args.no_group_by_length, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+        seed=args.seed, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+        resume=args.resume, merge=args.merge, progress=not args.no_progress, plot=not args.no_plot,
+        tensorboard=not args.no_tensorboard,
+    )
+    if stage == "dpo":
+        loss_kwargs = dict(args.loss_kwarg)
+        if args.f_divergence_type is not None:
+            loss_kwargs["f_divergence_type"] = args.f_divergence_type
+        if args.simpo_gamma is not None:
+            loss_kwargs["simpo_gamma"] = args.simpo_gamma
+        fields.update(
+            loss_type=_csv_list(args.loss_type) or ["sigmoid"],
+            loss_weights=_float_list(args.loss_weights, "--loss-weights"), beta=args.beta,
+            label_smoothing=args.label_smoothing, reference_free=args.reference_free, ld_alpha=args.ld_alpha,
+            average_log_prob=args.average_log_prob, loss_kwargs=loss_kwargs, precompute_ref=args.precompute_ref,
+        )
+        from dpo_fast.losses import LOSS_TYPES
+
+        unknown = [t for t in fields["loss_type"] if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"--loss-type: unknown {unknown}; choose from {list(LOSS_TYPES)}")
+    return TrainConfig(**fields)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-fast", description="Fast, memory-lean DPO for (Q)LoRA Llama models.")
+    from dpo_fast import __version__
+
+    parser.add_argument("--version", action="version", version=f"dpo_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sft,demo,bench}")
+    sub.required = True
+    add_train_arguments(sub.add_parser("train", help="DPO training of a local checkpoint"), "dpo")
+    add_train_arguments(sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)"), "sft")
+    from dpo_fast.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(sub.add_parser("demo", help="built-in demo: SFT then DPO of a tiny Llama on the CPU"))
+    bench = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks ...)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def run_bench(bench_args: Sequence[str]) -> int:
+    """`dpo-fast bench ARGS` == `python -m benchmarks ARGS` (hook for the benchmark suite)."""
+    import importlib.util
+    import runpy
+
+    if importlib.util.find_spec("benchmarks") is None:
+        print("dpo-fast bench: the benchmark suite (package `benchmarks`) is not importable here; "
+              "run it from a source checkout", file=sys.stderr)
+        return 2
+    saved = sys.argv
+    sys.argv = ["benchmarks", *bench_args]
+    try:
+        runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `dpo-fast` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # forward everything, including --help, to the suite
+        return run_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("train", "sft"):
+        stage = "dpo" if args.command == "train" else "sft"
+        try:
+            config = config_from_args(args, stage)
+        except ValueError as exc:
+            parser.error(str(exc))
+        from dpo_fast.train import train
+
+        result = train(config)
+        summary = {k: v for k, v in {**result.train_metrics, **result.eval_metrics}.items()
+                   if k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss",
+                            "eval_rewards/accuracies", "eval_rewards/margins")}
+        print(f"{stage}: {result.steps} steps -> {result.output_dir} (checkpoint {result.checkpoint_dir}); "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        if result.plot_path:
+            print(f"plot: {result.plot_path}")
+        return 130 if result.interrupted else 0
+    if args.command == "demo":
+        from dpo_fast.demo import run_demo, settings_from_args
+
+        run_demo(settings_from_args(args))
+        return 0
+    if args.command == "bench":
+        return run_bench(args.bench_args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

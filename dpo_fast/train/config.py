@@ -1,0 +1,190 @@
+"""Every option of the trainer in one dataclass, with defaults and validation.
+
+The CLI maps its flags one-to-one onto these fields; the Python API takes the dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+STAGES = ("dpo", "sft")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit", "adamw_8bit")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+BAD_ROW_POLICIES = ("skip", "error")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+#: Default learning rates per stage: 5e-6 for DPO (Unsloth's recommendation), 2e-4 for SFT LoRA.
+DEFAULT_LR = {"dpo": 5e-6, "sft": 2e-4}
+
+
+@dataclass
+class TrainConfig:
+    """Options of a `dpo-fast train` / `dpo-fast sft` run (see `dpo-fast train --help`)."""
+
+    # --- what to train, where to write ------------------------------------------------------
+    model: Any = None  # checkpoint dir, config JSON file/dir, a PretrainedConfig, or None (model passed in)
+    data: Any = None  # JSONL/JSON/Parquet file, saved `datasets` dir, or a list of row dicts
+    output: str = "dpo_fast_output"
+    tokenizer: Optional[str] = None  # defaults to the model directory
+    stage: str = "dpo"
+
+    # --- model loading ------------------------------------------------------------------------
+    load_in_4bit: bool = False
+    use_lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Optional[List[str]] = None  # None: every linear layer of the decoder blocks
+    adapter: Optional[str] = None  # continue an existing LoRA adapter (frozen "ref" copy as reference)
+    patch: bool = True  # patch the model with dpo_fast (fused head, kernels)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+
+    # --- data ---------------------------------------------------------------------------------
+    max_length: int = 1024
+    max_prompt_length: Optional[int] = None
+    truncation_mode: str = "keep_end"
+    on_bad_row: str = "skip"
+    eval_fraction: float = 0.0
+    group_by_length: bool = True
+
+    # --- loss ---------------------------------------------------------------------------------
+    loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[List[float]] = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    ld_alpha: Optional[float] = None
+    average_log_prob: bool = False
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # any further dpo_loss keyword
+    precompute_ref: bool = False
+
+    # --- optimisation -------------------------------------------------------------------------
+    lr: Optional[float] = None  # None: DEFAULT_LR[stage]
+    optimizer: str = "auto"  # auto: paged 8-bit AdamW on CUDA when bitsandbytes is there, else AdamW
+    weight_decay: float = 0.0
+    adam_betas: Sequence[float] = (0.9, 0.999)
+    warmup_ratio: float = 0.1
+    scheduler: str = "cosine"
+    max_grad_norm: Optional[float] = 1.0
+    batch_size: int = 2  # preference pairs per micro-batch
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    seed: int = 42
+
+    # --- logging, eval, checkpoints -------------------------------------------------------------
+    logging_steps: int = 1
+    eval_steps: Optional[int] = None  # None: evaluate at the end only
+    save_steps: Optional[int] = None  # None: checkpoint at the end only
+    resume: Union[bool, str] = False  # True: latest checkpoint in output; str: that checkpoint
+    merge: bool = False
+    progress: bool = True
+    plot: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [t.strip() for t in self.loss_type.split(",") if t.strip()]
+        self.loss_type = list(self.loss_type)
+        if self.loss_weights is not None:
+            if isinstance(self.loss_weights, str):
+                self.loss_weights = [float(w) for w in self.loss_weights.split(",") if w.strip()]
+            self.loss_weights = [float(w) for w in self.loss_weights]
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        _choice("stage", self.stage, STAGES)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        _choice("precision", self.precision, PRECISIONS)
+        if not self.loss_type:
+            raise ValueError("loss_type: give at least one loss type")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"
+            )
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "save_steps", "max_prompt_length"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name}: must be >= 1 or None, got {value}")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length: must be smaller than max_length")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ValueError(f"beta: must be > 0, got {self.beta}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise ValueError(f"epochs: must be > 0 when max_steps is not set, got {self.epochs}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha: must be in [0, 1], got {self.ld_alpha}")
+        if self.merge and self.load_in_4bit:
+            raise ValueError("merge: merged weights can only be written for non-quantized bases")
+        if self.adapter is not None and not self.use_lora:
+            raise ValueError("adapter: continuing an adapter needs use_lora=True")
+        if self.precompute_ref and self.stage == "sft":
+            raise ValueError("precompute_ref: only meaningful for the dpo stage")
+
+    @property
+    def learning_rate(self) -> float:
+        """The effective learning rate (stage default when `lr` is None)."""
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.stage]
+
+    def loss_options(self) -> Dict[str, Any]:
+        """Keyword arguments for dpo_fast.compute_dpo_loss, from the loss fields."""
+        loss_type: Union[str, List[str]] = self.loss_type[0] if len(self.loss_type) == 1 else list(self.loss_type)
+        opts: Dict[str, Any] = {
+            "beta": self.beta,
+            "loss_type": loss_type,
+            "average_log_prob": self.average_log_prob,
+            "ld_alpha": self.ld_alpha,
+        }
+        if self.label_smoothing:
+            opts["label_smoothing"] = self.label_smoothing
+        if self.reference_free:
+            opts["reference_free"] = True
+        if self.loss_weights is not None:
+            opts["loss_weights"] = list(self.loss_weights)
+        opts.update(self.loss_kwargs)
+        return opts
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-friendly view (saved next to the checkpoints)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "data" and not isinstance(value, (str, type(None))):
+                value = f"<{type(value).__name__}>"
+            elif f.name == "model" and not isinstance(value, (str, type(None))):
+                value = value.to_dict() if hasattr(value, "to_dict") else f"<{type(value).__name__}>"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        json.dumps(out, default=str)
+        return out
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,198 @@
+"""The optimisation loop shared by the DPO and SFT stages.
+
+Micro-batches come from a per-epoch batch order (length-grouped, seeded by seed + epoch), laid end
+to end over epochs; optimizer step s consumes micro-batches [s * grad_accum, (s + 1) * grad_accum).
+That makes the position a single integer, so a resumed run sees exactly the batches it would have
+seen. bf16 autocast runs on GPU only; gradients are clipped; a SIGINT finishes the current step,
+then the caller saves a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .optim import clip_gradients
+
+LossFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, Any]]]
+OrderFn = Callable[[int], List[List[int]]]
+
+
+@dataclass
+class LoopState:
+    """Where training stands: optimizer steps done and micro-batches consumed."""
+
+    step: int = 0
+    micro: int = 0
+    total_steps: int = 0
+    batches_per_epoch: int = 1
+    interrupted: bool = False
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def epoch(self) -> float:
+        return self.micro / max(1, self.batches_per_epoch)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "micro": self.micro, "total_steps": self.total_steps,
+                "batches_per_epoch": self.batches_per_epoch, "epoch": self.epoch}
+
+
+def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """bf16 on CUDA ('auto' or 'bf16'); None (fp32, no autocast) on CPU or with 'fp32'."""
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def micro_batches(order_fn: OrderFn, start: int) -> Iterator[Tuple[int, List[int]]]:
+    """(global micro-batch index, example indices) from `start` on, epoch after epoch."""
+    first = order_fn(0)
+    per_epoch = len(first)
+    if per_epoch == 0:
+        raise ValueError("examples: no batches to train on (is the dataset empty?)")
+    epoch, offset = divmod(start, per_epoch)
+    index = start
+    while True:
+        order = first if epoch == 0 else order_fn(epoch)
+        for batch in order[offset:]:
+            yield index, batch
+            index += 1
+        epoch, offset = epoch + 1, 0
+
+
+def _mean_metrics(items: Sequence[Tuple[Dict[str, Any], float]]) -> Dict[str, float]:
+    """Weighted mean of metric dicts (weights: pairs per micro-batch)."""
+    total: Dict[str, float] = {}
+    weight: Dict[str, float] = {}
+    for metrics, w in items:
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    continue
+                value = value.item()
+            if not isinstance(value, (int, float)):
+                continue
+            total[key] = total.get(key, 0.0) + float(value) * w
+            weight[key] = weight.get(key, 0.0) + w
+    return {k: total[k] / weight[k] for k in total}
+
+
+def pairs_in(batch: Dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0]) // 2
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], collate: Callable, loss_fn: LossFn, *,
+             batch_size: int, device: torch.device, precision: str = "auto", prefix: str = "eval_") -> Dict[str, float]:
+    """Mean loss and metrics over examples (eval mode, no grad), keys prefixed as TRL does."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    dtype = autocast_dtype(device, precision)
+    items = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = to_device(collate(list(examples[start:start + batch_size])), device)
+            with autocast(device, dtype):
+                loss, metrics = loss_fn(model, batch)
+            metrics = dict(metrics)
+            metrics["loss"] = loss.detach()
+            items.append((metrics, float(pairs_in(batch))))
+    finally:
+        model.train(was_training)
+    return {prefix + k: v for k, v in _mean_metrics(items).items()}
+
+
+class StopFlag:
+    """Set by SIGINT (Ctrl-C) while installed: the loop stops after the current step.
+
+    A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+             examples: Sequence[Dict[str, Any]], collate: Callable, order_fn: OrderFn, loss_fn: LossFn,
+             state: LoopState, grad_accum: int, max_grad_norm: Optional[float], device: torch.device,
+             precision: str = "auto", on_step: Optional[Callable[[LoopState, Dict[str, float]], None]] = None,
+             stop: Optional[StopFlag] = None) -> LoopState:
+    """Run optimizer steps until state.total_steps (or a stop request). `on_step` sees each step's metrics."""
+    dtype = autocast_dtype(device, precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stream = micro_batches(order_fn, state.micro)
+    model.train()
+    while state.step < state.total_steps:
+        if stop is not None and stop.requested:
+            state.interrupted = True
+            break
+        t0 = time.perf_counter()
+        items, tokens = [], 0
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(grad_accum):
+            index, indices = next(stream)
+            batch = to_device(collate([examples[i] for i in indices]), device)
+            with autocast(device, dtype):
+                loss, metrics = loss_fn(model, batch)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; stopping")
+            (loss / grad_accum).backward()
+            metrics = dict(metrics)
+            metrics["loss"] = loss.detach()
+            items.append((metrics, float(pairs_in(batch))))
+            tokens += int(batch["attention_mask"].sum())
+            state.micro = index + 1
+        grad_norm, finite = clip_gradients(params, max_grad_norm)
+        if finite:
+            optimizer.step()
+        lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        record = _mean_metrics(items)
+        record.update({"learning_rate": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+                       "epoch": state.epoch, "tokens_per_second": tokens / max(elapsed, 1e-9),
+                       "skipped_update": float(not finite)})
+        if on_step is not None:
+            on_step(state, record)
+    return state

@@ -1,0 +1,105 @@
+"""Reference log-probs computed once per dataset and cached on disk (`--precompute-ref`).
+
+The cache lives in OUTPUT/ref_cache/<key>.pt. The key hashes the model identity (weights path
+or random-init config and seed, adapter contents), the reference in use, the tokenized examples
+themselves (so data and tokenization settings are both covered) and the loss options that change
+what a sequence log-prob is (average_log_prob, ld_alpha). A second run with the same key loads
+the file instead of running the reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+CACHE_DIR = "ref_cache"
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+RefFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def examples_fingerprint(examples: Sequence[Dict[str, Any]]) -> str:
+    """sha256 over every example's token fields (ref log-prob fields excluded), in order."""
+    h = hashlib.sha256()
+    h.update(str(len(examples)).encode())
+    for ex in examples:
+        for key in sorted(ex):
+            if key in REF_KEYS:
+                continue
+            value = ex[key]
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            h.update(key.encode())
+            h.update(json.dumps(value, default=str, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def cache_key(*, model_id: str, reference: str, examples: Sequence[Dict[str, Any]],
+              settings: Dict[str, Any]) -> str:
+    """The cache file name stem for this model / reference / data / tokenization / loss settings."""
+    payload = json.dumps({"model": model_id, "reference": reference, "examples": examples_fingerprint(examples),
+                          "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def compute_reference_logps(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], collate: Callable,
+                            ref_fn: RefFn, *, batch_size: int, device: torch.device,
+                            autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference sequence log-probs (fp32, [N] each) of the examples, in their order."""
+    chosen: List[torch.Tensor] = []
+    rejected: List[torch.Tensor] = []
+    for start in range(0, len(examples), batch_size):
+        part = [{k: v for k, v in ex.items() if k not in REF_KEYS} for ex in examples[start:start + batch_size]]
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in collate(part).items()}
+        with torch.no_grad(), _autocast(device, autocast_dtype):
+            c, r = ref_fn(model, batch)
+        chosen.append(c.detach().float().cpu())
+        rejected.append(r.detach().float().cpu())
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def load_or_compute(cache_root: str, key: str, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
+                    *, expected_len: int) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(chosen, rejected, from_cache): load cache_root/ref_cache/<key>.pt or compute and write it."""
+    path = cache_path(cache_root, key)
+    if os.path.isfile(path):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data["chosen"].numel() == expected_len and data["rejected"].numel() == expected_len:
+            return data["chosen"], data["rejected"], True
+    chosen, rejected = compute()
+    if not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
+        raise FloatingPointError("reference log-probs are not finite; not caching them")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"chosen": chosen, "rejected": rejected}, tmp)
+    os.replace(tmp, path)
+    return chosen, rejected, False
+
+
+def cache_path(cache_root: str, key: str) -> str:
+    return os.path.join(cache_root, CACHE_DIR, f"{key}.pt")
+
+
+def attach_reference_logps(examples: Iterable[Dict[str, Any]], chosen: torch.Tensor,
+                           rejected: torch.Tensor) -> List[Dict[str, Any]]:
+    """Copies of the examples carrying ref_chosen_logps / ref_rejected_logps (python floats)."""
+    out = []
+    for ex, c, r in zip(examples, chosen.tolist(), rejected.tolist()):
+        ex = dict(ex)
+        ex["ref_chosen_logps"] = float(c)
+        ex["ref_rejected_logps"] = float(r)
+        out.append(ex)
+    return out

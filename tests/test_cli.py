@@ -1,0 +1,141 @@
+"""The `dpo-fast` command line: argument parsing and tiny end-to-end runs on a JSONL file."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpo_fast.cli import build_parser, config_from_args, main
+from dpo_fast.demo_task import demo_tokenizer, make_preference_dataset, tiny_llama_config
+from dpo_fast.train.logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """A local transformers checkpoint (tiny random Llama + the demo tokenizer), as users have."""
+    from transformers import AutoModelForCausalLM
+
+    tok = demo_tokenizer()
+    path = tmp_path_factory.mktemp("ckpt")
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok), hidden_size=32, intermediate_size=64,
+                                                               num_hidden_layers=2, num_attention_heads=2,
+                                                               num_key_value_heads=2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, rows, bad_lines=()):
+    lines = [json.dumps(r) for r in rows]
+    for at, text in bad_lines:
+        lines.insert(at, text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def parse(argv):
+    args = build_parser().parse_args(argv)
+    return config_from_args(args, "dpo" if args.command == "train" else "sft")
+
+
+def test_parsing_maps_every_option():
+    cfg = parse(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--loss-type", "sigmoid,sft",
+                 "--loss-type", "ipo", "--loss-weights", "1,0.5", "--loss-weights", "0.25", "--beta", "0.3",
+                 "--label-smoothing", "0.1", "--ld-alpha", "0.5", "--precompute-ref", "--on-bad-row", "error",
+                 "--max-length", "77", "--truncation-mode", "keep_start", "--eval-fraction", "0.1", "--seed", "3",
+                 "--grad-accum", "4", "--batch-size", "2", "--max-steps", "9", "--lr", "1e-4", "--warmup-ratio",
+                 "0.2", "--scheduler", "linear", "--gradient-checkpointing", "--resume", "--load-in-4bit",
+                 "--lora-r", "8", "--target-modules", "q_proj,v_proj", "--loss-kwarg", "simpo_gamma=0.7",
+                 "--max-grad-norm", "0"])
+    assert cfg.loss_type == ["sigmoid", "sft", "ipo"] and cfg.loss_weights == [1.0, 0.5, 0.25]
+    assert (cfg.beta, cfg.label_smoothing, cfg.ld_alpha) == (0.3, 0.1, 0.5)
+    assert cfg.precompute_ref and cfg.on_bad_row == "error" and cfg.max_length == 77
+    assert cfg.truncation_mode == "keep_start" and cfg.eval_fraction == 0.1 and cfg.seed == 3
+    assert (cfg.grad_accum, cfg.batch_size, cfg.max_steps, cfg.lr) == (4, 2, 9, 1e-4)
+    assert cfg.scheduler == "linear" and cfg.warmup_ratio == 0.2 and cfg.gradient_checkpointing
+    assert cfg.resume is True and cfg.load_in_4bit and cfg.lora_r == 8
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.loss_kwargs == {"simpo_gamma": 0.7}
+    assert cfg.max_grad_norm is None and cfg.learning_rate == 1e-4
+    default = parse(["train", "--model", "m", "--data", "d", "--output", "o"])
+    assert default.learning_rate == 5e-6 and default.loss_type == ["sigmoid"] and default.resume is False
+    assert parse(["sft", "--model", "m", "--data", "d", "--output", "o", "--resume", "ck"]).resume == "ck"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--loss-type", "nope"], "loss-type"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--loss-type", "sigmoid,ipo", "--loss-weights", "1"], "loss_weights"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--scheduler", "exp"], "scheduler"),
+    (["train", "--data", "d", "--output", "o"], "--model"),
+    (["train", "--model", "m", "--data", "d", "--output", "o", "--eval-fraction", "1.5"], "eval_fraction"),
+])
+def test_bad_arguments_exit_with_a_message(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_train_end_to_end_on_jsonl_with_bad_rows(checkpoint_dir, tmp_path, capsys):
+    rows = make_preference_dataset(40, seed=int(torch.randint(0, 1000, ())))
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows, bad_lines=[(3, json.dumps({"prompt": "x", "chosen": "a"})),
+                                                                   (7, "{not json")])
+    out = str(tmp_path / "out")
+    code = main(["train", "--model", checkpoint_dir, "--data", data, "--output", out, "--max-steps", "3",
+                 "--batch-size", "4", "--lr", "1e-3", "--eval-fraction", "0.2", "--no-progress",
+                 "--no-tensorboard", "--max-length", "64"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "skipped 2" in printed and "line 4" in printed and "line 8" in printed
+    train_records = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "training_curves.png"))
+    with pytest.raises(Exception, match="line 4"):  # --on-bad-row error stops at the first bad row
+        main(["train", "--model", checkpoint_dir, "--data", data, "--output", str(tmp_path / "o2"),
+              "--on-bad-row", "error", "--max-steps", "1", "--no-progress"])
+
+
+def test_sft_then_train_with_adapter(checkpoint_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_preference_dataset(24, seed=5))
+    sft_out, dpo_out = str(tmp_path / "sft"), str(tmp_path / "dpo")
+    common = ["--model", checkpoint_dir, "--data", data, "--batch-size", "4", "--no-progress", "--no-plot",
+              "--no-tensorboard", "--max-length", "64"]
+    assert main(["sft", *common, "--output", sft_out, "--max-steps", "2", "--lr", "1e-2"]) == 0
+    assert main(["train", *common, "--output", dpo_out, "--adapter", sft_out, "--max-steps", "2",
+                 "--precompute-ref"]) == 0
+    first = [r for r in read_metrics(os.path.join(dpo_out, "metrics.jsonl")) if "loss" in r][0]
+    assert abs(first["loss"] - 0.6931472) < 1e-5  # policy starts equal to its frozen reference copy
+    assert os.listdir(os.path.join(dpo_out, "ref_cache"))
+
+
+def test_module_entry_point_and_bench_hook(monkeypatch):
+    proc = subprocess.run([sys.executable, "-m", "dpo_fast", "--version"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "dpo_fast" in proc.stdout
+    import importlib.util
+    import runpy
+
+    seen = {}
+
+    def fake_run_module(name, run_name=None, alter_sys=False):
+        seen.update(name=name, argv=list(sys.argv))
+        raise SystemExit(3)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(runpy, "run_module", fake_run_module)
+    assert main(["bench", "--suite", "head", "-x"]) == 3  # everything after `bench` goes to the suite
+    assert seen == {"name": "benchmarks", "argv": ["benchmarks", "--suite", "head", "-x"]}

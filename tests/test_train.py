@@ -1,0 +1,329 @@
+"""The trainer on CPU with a tiny random-init Llama and the demo task's tokenizer and data."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from dpo_fast.demo_task import demo_tokenizer, make_preference_dataset, tiny_llama_config
+from dpo_fast.train import DPOFastTrainer, TrainConfig, train
+from dpo_fast.train import checkpoint as ckpt
+from dpo_fast.train import ref_cache
+from dpo_fast.train.logging import MetricsLogger, plot_metrics, read_metrics
+from dpo_fast.train.optim import build_optimizer, build_scheduler
+
+TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread is fastest and immune to contention on a shared CI box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return demo_tokenizer()
+
+
+def tiny_config(tok, **overrides):
+    fields = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    fields.update(overrides)
+    return tiny_llama_config(len(tok), **fields)
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**30, ()).item())
+
+
+def make_cfg(tok, tmp_path, name="run", **kw):
+    fields = dict(model=tiny_config(tok), data=make_preference_dataset(kw.pop("n_rows", 96), seed=fresh_seed()),
+                  output=str(tmp_path / name), batch_size=8, max_steps=6, lr=2e-3, seed=fresh_seed(),
+                  progress=False, plot=False, tensorboard=False, warmup_ratio=0.0, max_length=64)
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def seq_logps_float64(model, batch):
+    """Reference: plain logits in float64, log_softmax, gather, sum over completion tokens."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    seq = (logp * batch["completion_mask"][:, 1:]).sum(-1)
+    return seq.chunk(2)
+
+
+# ------------------------------------------------------------------------------------ config / optim
+def test_config_rejects_bad_options():
+    with pytest.raises(ValueError, match="scheduler"):
+        TrainConfig(scheduler="exp")
+    with pytest.raises(ValueError, match="loss_weights"):
+        TrainConfig(loss_type="sigmoid,ipo", loss_weights=[1.0])
+    with pytest.raises(ValueError, match="eval_fraction"):
+        TrainConfig(eval_fraction=1.0)
+    with pytest.raises(ValueError, match="merge"):
+        TrainConfig(merge=True, load_in_4bit=True)
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    cfg = TrainConfig(loss_type="sigmoid, sft", loss_weights="1,0.5", ld_alpha=0.5)
+    opts = cfg.loss_options()
+    assert opts["loss_type"] == ["sigmoid", "sft"] and opts["loss_weights"] == [1.0, 0.5] and opts["ld_alpha"] == 0.5
+    assert TrainConfig().learning_rate == 5e-6 and TrainConfig(stage="sft").learning_rate == 2e-4
+    json.dumps(cfg.to_dict())
+
+
+def test_optimizer_groups_and_warmup_cosine_schedule():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
+    cfg = TrainConfig(lr=1e-2, warmup_ratio=0.2, scheduler="cosine", weight_decay=0.1)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(model[0].weight)} and opt.param_groups[1]["weight_decay"] == 0.0
+    sched = build_scheduler(opt, cfg, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-3) and lrs[2] == pytest.approx(1e-2)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # cosine decay after warmup
+    frozen = torch.nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        build_optimizer(frozen, cfg, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------ training runs
+def test_short_dpo_run_learns_and_writes_outputs(tok, tmp_path):
+    cfg = make_cfg(tok, tmp_path, n_rows=320, eval_fraction=0.25, max_steps=40, lr=6e-3, beta=0.5, plot=True,
+                   save_steps=20, eval_steps=20)
+    result = train(cfg, tokenizer=tok, log=lambda s: None)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # fresh LoRA: policy == reference
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.04  # measured drop over 6 seeds: 0.10-0.13
+    assert result.initial_eval_metrics["eval_rewards/accuracies"] == 0.0  # all rewards 0: no strict wins
+    assert result.eval_metrics["eval_rewards/accuracies"] > 0.55  # chance is 0.5; measured 0.64-0.78
+    assert result.eval_metrics["eval_rewards/margins"] > 0.0
+    records = read_metrics(result.metrics_path)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 41))
+    assert all(k in train_records[0] for k in TRL_NAMES)
+    assert any("eval_rewards/accuracies" in r and r["step"] == 20 for r in records)
+    with open(result.plot_path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isfile(os.path.join(cfg.output, "checkpoint-20", "adapter_model.safetensors"))
+    assert result.checkpoint_dir.endswith("checkpoint-40")
+
+
+def test_resume_continues_from_same_step_with_same_loss(tok, tmp_path):
+    cfg = make_cfg(tok, tmp_path, max_steps=6, save_steps=3, lora_dropout=0.1, grad_accum=2, batch_size=4)
+    full = train(cfg, tokenizer=tok, log=lambda s: None)
+    resumed_cfg = copy.copy(cfg)
+    resumed_cfg.resume = os.path.join(cfg.output, "checkpoint-3")
+    resumed = train(resumed_cfg, tokenizer=tok, log=lambda s: None)
+    assert [r["step"] for r in resumed.history] == [4, 5, 6]
+    for a, b in zip(full.history[3:], resumed.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"])
+    assert [r["step"] for r in read_metrics(resumed.metrics_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # resume=True picks the latest checkpoint (step 6 = done): no further steps
+    again = copy.copy(cfg)
+    again.resume = True
+    assert train(again, tokenizer=tok, log=lambda s: None).steps == 6
+
+
+def test_saved_adapter_loads_with_peft_and_reproduces_log_probs(tok, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(fresh_seed())
+    base = AutoModelForCausalLM.from_config(tiny_config(tok))
+    pristine = copy.deepcopy(base)
+    cfg = make_cfg(tok, tmp_path, model=None, max_steps=4, lr=5e-3, merge=True)
+    trainer = DPOFastTrainer(cfg, model=base, tokenizer=tok, log=lambda s: None)
+    result = trainer.train()
+    loaded = PeftModel.from_pretrained(pristine, cfg.output).eval()
+    batch = trainer.collate(trainer.train_examples[:5])
+    trainer.model.eval()
+    want_c, want_r = seq_logps_float64(trainer.model, batch)
+    got_c, got_r = seq_logps_float64(loaded, batch)
+    assert torch.allclose(got_c, want_c, atol=1e-5) and torch.allclose(got_r, want_r, atol=1e-5)
+    with loaded.disable_adapter():  # the adapter did change the model
+        base_c, _ = seq_logps_float64(loaded, batch)
+    assert (base_c - want_c).abs().max() > 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    mc, mr = seq_logps_float64(merged, batch)
+    assert torch.allclose(mc, want_c, atol=1e-4) and torch.allclose(mr, want_r, atol=1e-4)
+
+
+def test_precomputed_reference_equals_on_the_fly_and_cache_is_reused(tok, tmp_path, monkeypatch):
+    from dpo_fast.dpo import compute_dpo_loss
+
+    cfg = make_cfg(tok, tmp_path, n_rows=37, precompute_ref=True, eval_fraction=0.2, batch_size=5)
+    first = DPOFastTrainer(cfg, tokenizer=tok, log=lambda s: None).setup()
+    assert first.ref_cache_hits == [False, False]
+    examples = first.train_examples[:7]
+    batch = first.collate(examples)
+    # float64 reference: the base model (adapters disabled), plain logits
+    with first.model.disable_adapter():
+        want_c, want_r = seq_logps_float64(first.model, batch)
+    assert torch.allclose(batch["ref_chosen_logps"].double(), want_c, atol=1e-4)
+    assert torch.allclose(batch["ref_rejected_logps"].double(), want_r, atol=1e-4)
+    # and compute_dpo_loss gives the same loss / metrics with or without the cached values
+    with torch.no_grad():
+        for p in first.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # policy != reference, so rewards are not all 0
+    no_ref = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    loss_a, m_a = compute_dpo_loss(first.model, batch, **cfg.loss_options())
+    loss_b, m_b = compute_dpo_loss(first.model, no_ref, **cfg.loss_options())
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert m_a["rewards/margins"] == pytest.approx(m_b["rewards/margins"], abs=1e-4)
+
+    def boom(*a, **k):
+        raise AssertionError("reference recomputed although cached")
+
+    monkeypatch.setattr(ref_cache, "compute_reference_logps", boom)
+    second = DPOFastTrainer(copy.copy(cfg), tokenizer=tok, log=lambda s: None).setup()
+    assert second.ref_cache_hits == [True, True]
+    assert [e["ref_chosen_logps"] for e in second.train_examples] == [e["ref_chosen_logps"] for e in first.train_examples]
+    other = copy.copy(cfg)
+    other.max_length = 12  # other tokenization -> other key -> recomputed
+    with pytest.raises(AssertionError, match="recomputed"):
+        DPOFastTrainer(other, tokenizer=tok, log=lambda s: None).setup()
+    files = os.listdir(os.path.join(cfg.output, ref_cache.CACHE_DIR))
+    assert len(files) == 2
+
+
+def test_sft_stage_loss_matches_float64_nll_and_decreases(tok, tmp_path):
+    from dpo_fast.train.sft import sft_loss
+
+    cfg = make_cfg(tok, tmp_path, stage="sft", use_lora=False, max_steps=12, lr=3e-3)
+    trainer = DPOFastTrainer(cfg, tokenizer=tok, log=lambda s: None).setup()
+    batch = trainer.collate(trainer.train_examples[:6])
+    loss, _ = sft_loss(trainer.model, batch)
+    b = 6
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"][:b], attention_mask=batch["attention_mask"][:b]).logits
+    logp = torch.log_softmax(logits.double()[:, :-1], -1).gather(-1, batch["input_ids"][:b, 1:, None]).squeeze(-1)
+    mask = batch["completion_mask"][:b, 1:].double()
+    assert loss.item() == pytest.approx(float(-(logp * mask).sum() / mask.sum()), rel=1e-5)
+    result = trainer.train()
+    losses = [r["loss"] for r in result.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+
+
+def test_continue_adapter_uses_frozen_ref_copy(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(fresh_seed())
+    base = AutoModelForCausalLM.from_config(tiny_config(tok))
+    pristine = copy.deepcopy(base)
+    sft_cfg = make_cfg(tok, tmp_path, name="sft", model=None, stage="sft", max_steps=4, lr=1e-2)
+    train(sft_cfg, model=base, tokenizer=tok, log=lambda s: None)
+    dpo_cfg = make_cfg(tok, tmp_path, name="dpo", model=None, adapter=sft_cfg.output, max_steps=3)
+    trainer = DPOFastTrainer(dpo_cfg, model=pristine, tokenizer=tok, log=lambda s: None)
+    result = trainer.train()
+    assert trainer.loaded.has_ref_adapter and trainer.reference_description() == "adapter:ref"
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == frozen copy
+    ref = {n: p for n, p in trainer.model.named_parameters() if ".ref." in n}
+    assert ref and not any(p.requires_grad for p in ref.values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tok, tmp_path):
+    cfg = make_cfg(tok, tmp_path, max_steps=6)
+    trainer = DPOFastTrainer(cfg, tokenizer=tok, log=lambda s: None).setup()
+    calls = {"n": 0}
+    real = trainer.loss_fn
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+
+    trainer.loss_fn = loss_fn
+    result = trainer.train()
+    assert result.interrupted and result.steps == 2
+    assert os.path.isfile(os.path.join(cfg.output, "checkpoint-2", ckpt.STATE_FILE))
+    again = copy.copy(cfg)
+    again.resume = True
+    assert train(again, tokenizer=tok, log=lambda s: None).steps == 6
+
+
+def test_load_in_4bit_trains_with_lora(tok, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed for 4-bit loading")
+    cfg = make_cfg(tok, tmp_path, load_in_4bit=True, max_steps=2, lr=1e-3)
+    trainer = DPOFastTrainer(cfg, tokenizer=tok, log=lambda s: None)
+    result = trainer.train()
+    assert trainer.loaded.quantized
+    assert all(math.isfinite(r["loss"]) for r in result.history) and result.steps == 2
+
+
+# ------------------------------------------------------------------------------------ parts
+def test_checkpoint_roundtrip_restores_optimizer_scheduler_rng(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    cfg = TrainConfig(lr=1e-2, warmup_ratio=0.0)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg, 10)
+    model(input_ids=torch.randint(0, 50, (2, 5))).logits.sum().backward()
+    opt.step()
+    sched.step()
+    path = ckpt.save_checkpoint(str(tmp_path / "checkpoint-1"), model, opt, sched, {"step": 1, "micro": 1})
+    after_save = torch.rand(3)
+    model2 = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.zero_()
+    opt2 = build_optimizer(model2, cfg, torch.device("cpu"))
+    sched2 = build_scheduler(opt2, cfg, 10)
+    state = ckpt.load_checkpoint(path, model2, opt2, sched2)
+    assert state["step"] == 1 and sched2.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(torch.rand(3), after_save)  # RNG restored to the saved point
+    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), n
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    ckpt.save_checkpoint(str(tmp_path / "checkpoint-10"), model, opt, sched, {"step": 10, "micro": 10})
+    os.makedirs(tmp_path / "checkpoint-99")  # incomplete: no state file
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-10")
+    with pytest.raises(ValueError, match="resume"):
+        ckpt.load_checkpoint(str(tmp_path / "checkpoint-99"), model2, opt2, sched2)
+
+
+def test_metrics_logger_truncates_on_resume_and_plots(tmp_path):
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in range(1, 6):
+        log.log(step, {"loss": torch.tensor(1.0 / step), "rewards/accuracies": 0.5, "rewards/margins": step})
+    log.log(5, {"eval_loss": 0.3, "eval_rewards/accuracies": float("nan")})
+    recs = read_metrics(log.path)
+    assert len(recs) == 6 and recs[0]["loss"] == 1.0 and recs[-1]["eval_rewards/accuracies"] == "nan"
+    log2 = MetricsLogger(str(tmp_path), tensorboard=False, resume_step=3)
+    assert [r["step"] for r in read_metrics(log2.path)] == [1, 2, 3]
+    png = plot_metrics(recs, str(tmp_path / "p.png"))
+    with open(png, "rb") as fh:
+        assert fh.read(4) == b"\x89PNG"
+
+
+def test_ref_cache_key_depends_on_model_data_and_settings():
+    ex = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "row": 0}]
+    base = dict(model_id="m", reference="adapters_disabled", examples=ex, settings={"ld_alpha": None})
+    k = ref_cache.cache_key(**base)
+    assert k == ref_cache.cache_key(**base)
+    assert k == ref_cache.cache_key(**{**base, "examples": [dict(ex[0], ref_chosen_logps=-1.0)]})
+    assert k != ref_cache.cache_key(**{**base, "model_id": "m2"})
+    assert k != ref_cache.cache_key(**{**base, "reference": "adapter:ref"})
+    assert k != ref_cache.cache_key(**{**base, "settings": {"ld_alpha": 0.5}})
+    assert k != ref_cache.cache_key(**{**base, "examples": [dict(ex[0], chosen_ids=[5])]})
