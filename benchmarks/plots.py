@@ -1,0 +1,100 @@
+"""PNG plots of a benchmark run (matplotlib, Agg backend: no display needed).
+
+* ``<level>_<group>.png``: peak extra memory and median time vs tokens, one line per method, one
+  figure per (level, model, kind, mode) group of cases.
+* ``fit_<model>.png``: the longest sequence and the largest batch of pairs per method, per cap.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from typing import Dict, List, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.common import OK, Cell, fmt_cap  # noqa: E402
+from benchmarks.fit import FitResult  # noqa: E402
+
+
+def _group_of(cell: Cell) -> str:
+    p = cell.params
+    if cell.level == "head":
+        return f"head_{p.get('model')}_{p.get('kind')}_{p.get('mode')}"
+    return f"{cell.level}_{p.get('model')}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def plot_cells(cells: Sequence[Cell], out_dir: str, *, device_label: str) -> List[str]:
+    """Memory and time vs tokens per group; returns the written paths."""
+    groups: Dict[str, List[Cell]] = defaultdict(list)
+    for c in cells:
+        if c.status == OK:
+            groups[_group_of(c)].append(c)
+    paths = []
+    for group, gcells in groups.items():
+        fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+        by_method: Dict[str, List[Cell]] = defaultdict(list)
+        for c in gcells:
+            by_method[c.method].append(c)
+        for method, mcells in by_method.items():
+            mcells.sort(key=lambda c: c.tokens)
+            x = [c.tokens for c in mcells]
+            style = dict(marker="o", linewidth=2.5 if method == "dpo_fast" else 1.5, label=method)
+            ax_mem.plot(x, [c.peak_extra_mb for c in mcells], **style)
+            ax_time.plot(x, [c.median_ms for c in mcells], **style)
+        for ax, ylabel in ((ax_mem, "peak extra memory (MB)"), (ax_time, "median time (ms)")):
+            ax.set_xlabel("tokens")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if len({c.tokens for c in gcells}) > 1:
+                ax.set_xscale("log", base=2)
+        ax_time.legend(fontsize=8)
+        fig.suptitle(f"{group} — {device_label}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, _safe(group) + ".png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_fit(results: Sequence[FitResult], out_dir: str, *, device_label: str) -> List[str]:
+    """Bars of the largest fitting seq_len and pairs per method and cap; one figure per model."""
+    paths = []
+    for model in dict.fromkeys(r.model for r in results):
+        rs = [r for r in results if r.model == model and r.status == "ok"]
+        if not rs:
+            continue
+        methods = list(dict.fromkeys(r.method for r in rs))
+        caps = sorted({r.cap_gb for r in rs})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        width = 0.8 / max(1, len(methods))
+        for ax, what, ylabel in ((axes[0], "seq_len", "longest sequence (tokens, 1 pair)"),
+                                 (axes[1], "pairs", "largest batch (pairs)")):
+            for k, method in enumerate(methods):
+                vals = []
+                for cap in caps:
+                    r = next((r for r in rs if r.method == method and r.cap_gb == cap and r.what == what), None)
+                    vals.append(0 if r is None or r.best is None else r.best)
+                ax.bar([i + k * width for i in range(len(caps))], vals, width, label=method)
+            ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(caps))])
+            simulated = any(r.simulated for r in rs)
+            ax.set_xticklabels([fmt_cap(c) + (" (sim.)" if simulated else "") for c in caps])
+            ax.set_xlabel("memory cap")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, axis="y")
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"fit {model} — {device_label}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, _safe(f"fit_{model}") + ".png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,234 @@
+"""The benchmark suite runs on CPU with tiny shapes, writes its table, JSON and plots, and survives
+unavailable methods and out-of-memory cells. (Speed and memory numbers themselves are GPU facts; the
+CPU run only proves the machinery works and its numbers are finite.)"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CELL_FIELDS = {"level", "case", "method", "tokens", "status", "median_ms", "tokens_per_s", "peak_extra_mb",
+               "ratio_time", "ratio_memory", "note", "params"}
+ENV_FIELDS = {"date", "command", "device", "gpu", "driver", "torch", "triton", "transformers", "peft", "trl",
+              "bitsandbytes", "cuda", "python"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_ok_cell(cell):
+    for key in ("median_ms", "tokens_per_s", "peak_extra_mb"):
+        v = cell[key]
+        assert v is not None and math.isfinite(v) and v >= 0, (cell["case"], cell["method"], key, v)
+    assert cell["median_ms"] > 0 and cell["tokens"] > 0
+    assert cell["tokens_per_s"] == pytest.approx(cell["tokens"] / (cell["median_ms"] / 1e3), rel=1e-9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the --quick GPU preset takes minutes; run it by hand")
+def test_quick_suite_on_cpu(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = proc.stdout
+    assert "NOT GPU numbers" in stdout and "need a GPU" in stdout
+    assert "median ms" in stdout and "tokens/s" in stdout and "peak extra MB" in stdout and "x time" in stdout
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["gpu_numbers"] is False and "need a GPU" in report["notice"]
+    assert ENV_FIELDS <= set(report["environment"])
+    assert report["environment"]["torch"] == torch.__version__
+    assert "--quick" in report["environment"]["command"]
+    cells = report["cells"]
+    assert cells and all(set(c) == CELL_FIELDS for c in cells)
+    for c in cells:
+        if c["status"] == "ok":
+            _assert_ok_cell(c)
+        else:
+            assert c["median_ms"] is None and c["peak_extra_mb"] is None
+    ok = {(c["level"], c["case"].split()[1] if c["level"] == "head" else "step", c["method"])
+          for c in cells if c["status"] == "ok"}
+    # the three levels ran, the baseline and dpo_fast were measured at each
+    for key in [("head", "logps", "naive"), ("head", "logps", "dpo_fast"), ("head", "dpo", "naive"),
+                ("step", "step", "naive"), ("step", "step", "dpo_fast")]:
+        assert key in ok, key
+    # ratios: dpo_fast is 1 against itself; every ok baseline has a finite positive ratio
+    for c in cells:
+        if c["status"] == "ok" and any(d["method"] == "dpo_fast" and d["status"] == "ok" and d["case"] == c["case"]
+                                       for d in cells):
+            assert math.isfinite(c["ratio_time"]) and c["ratio_time"] > 0
+            if c["method"] == "dpo_fast":
+                assert c["ratio_time"] == pytest.approx(1.0) and c["ratio_memory"] == pytest.approx(1.0)
+    # a materialized [N, V] fp32 log-softmax is in the naive head's peak (the meter sees real allocations)
+    for c in cells:
+        if c["level"] == "head" and c["method"] == "naive" and c["params"]["kind"] == "logps" and c["status"] == "ok":
+            assert c["peak_extra_mb"] * 2**20 >= c["tokens"] * c["params"]["vocab"] * 4
+    # methods that cannot run here are reported as skipped with a reason, never as errors
+    assert all(c["note"] for c in cells if c["status"] == "skipped")
+    assert not [c for c in cells if c["status"] == "error"], [c for c in cells if c["status"] == "error"]
+
+    fit = report["fit"]
+    assert {r["method"] for r in fit} >= {"naive", "dpo_fast"}
+    for r in fit:
+        assert r["status"] == "ok" and r["simulated"] is True and r["probes"] >= 1
+        assert r["best"] is not None and r["best"] % 256 == 0 and 256 <= r["best"] <= r["limit"]
+
+    assert report["plots"]
+    for name in report["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000
+    assert any(n.startswith("fit_") for n in report["plots"]) and any(n.startswith("head_") for n in report["plots"])
+
+
+def _run_head(tmp_path, methods, tokens=("64", "96")):
+    from benchmarks import suite
+
+    return suite.run(["--level", "head", "--kinds", "logps", "--modes", "frozen", "--tokens", *tokens,
+                      "--warmup", "0", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
+                      "--methods", *methods], log=lambda s: None)
+
+
+def test_unavailable_method_is_skipped(tmp_path, monkeypatch):
+    from benchmarks import methods_head as mh
+
+    ghost = mh.HeadMethod("ghost", ("logps",), mh._needs("no_such_module_for_dpo_fast_bench"),
+                          mh._per_token_step(mh._naive_logps))
+    monkeypatch.setitem(mh.HEAD_REGISTRY, ("logps", "ghost"), ghost)
+    report = _run_head(tmp_path, ["naive", "ghost", "dpo_fast"])
+    by = {(c["case"], c["method"]): c for c in report["cells"]}
+    assert len(by) == 6
+    for case in {c["case"] for c in report["cells"]}:
+        assert by[(case, "ghost")]["status"] == "skipped"
+        assert "not importable" in by[(case, "ghost")]["note"]
+        for m in ("naive", "dpo_fast"):
+            assert by[(case, m)]["status"] == "ok"
+            _assert_ok_cell(by[(case, m)])
+
+
+def test_oom_cell_is_recorded_and_run_goes_on(tmp_path, monkeypatch):
+    from benchmarks import methods_head as mh
+
+    calls = []
+
+    def build(kind, inp):
+        def step():
+            calls.append(inp.hidden.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        return step
+
+    monkeypatch.setitem(mh.HEAD_REGISTRY, ("logps", "hog"), mh.HeadMethod("hog", ("logps",), lambda d: None, build))
+    # hog is registered last: in each case it runs after dpo_fast; the second case must still be measured
+    report = _run_head(tmp_path, ["dpo_fast", "hog"])
+    hog = [c for c in report["cells"] if c["method"] == "hog"]
+    assert [c["status"] for c in hog] == ["OOM", "OOM"] and sorted(set(calls)) == [64, 96]
+    assert all(c["median_ms"] is None and c["peak_extra_mb"] is None for c in hog)
+    ours = [c for c in report["cells"] if c["method"] == "dpo_fast"]
+    assert [c["status"] for c in ours] == ["ok", "ok"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [c["status"] for c in data["cells"] if c["method"] == "hog"] == ["OOM", "OOM"]
+
+
+def test_step_level_oom_and_other_errors_are_cells(tmp_path, monkeypatch):
+    from benchmarks import methods_step as ms
+    from benchmarks import suite
+
+    def oom_make(model, batch, opt):
+        def step():
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return step
+
+    def broken_make(model, batch, opt):
+        raise KeyError("boom")
+
+    monkeypatch.setitem(ms.STEP_REGISTRY, "hog", ms.StepMethod("hog", lambda d: None, ms._no_patch, oom_make))
+    monkeypatch.setitem(ms.STEP_REGISTRY, "broken", ms.StepMethod("broken", lambda d: None, ms._no_patch, broken_make))
+    report = suite.run(["--level", "step", "--step-sizes", "1x16", "--device", "cpu", "--out", str(tmp_path),
+                        "--methods", "hog", "broken", "naive"], log=lambda s: None)
+    status = {c["method"]: c for c in report["cells"]}
+    assert status["hog"]["status"] == "OOM"
+    assert status["broken"]["status"] == "error" and "KeyError" in status["broken"]["note"]
+    assert status["naive"]["status"] == "ok"
+    _assert_ok_cell(status["naive"])
+
+
+def test_largest_fitting_search():
+    from benchmarks.fit import largest_fitting
+
+    for _ in range(20):
+        unit = random.choice([1, 256])
+        limit = unit * random.randint(1, 200)
+        threshold = random.randint(0, limit + 3 * unit)
+        probed = []
+
+        def fits(n):
+            probed.append(n)
+            return n <= threshold
+
+        best, probes = largest_fitting(fits, unit, unit, limit)
+        expect = min(limit, threshold // unit * unit)
+        assert best == (expect if expect >= unit else None)
+        assert probes == len(probed) and all(p % unit == 0 and unit <= p <= limit for p in probed)
+        assert probes <= 2 * math.ceil(math.log2(limit // unit + 1)) + 2
+    with pytest.raises(ValueError):
+        largest_fitting(lambda n: True, 100, 256, 1024)
+
+
+def test_allocation_meter_counts_fresh_storage_and_enforces_cap():
+    from benchmarks.common import AllocationMeter
+
+    meter = AllocationMeter()
+    with meter:
+        a = torch.empty(1000, 250)  # 1,000,000 bytes
+        v = a.view(-1)[:10]  # views allocate nothing
+        a.add_(1.0)  # in place: nothing new
+        del a, v
+        b = torch.empty(500, 250)
+        c = b * 2  # 500,000 bytes while b is alive
+        del b, c
+    assert meter.peak == 1_000_000
+    assert meter.live == 0
+
+    capped = AllocationMeter(cap=300_000)
+    with pytest.raises(torch.OutOfMemoryError):
+        with capped:
+            x = torch.ones(200, 250)  # 200,000 bytes: fits
+            y = x + 1  # 400,000: over the cap
+            del x, y
+
+
+def test_bad_arguments_are_rejected(tmp_path, capsys):
+    from benchmarks import suite
+
+    assert suite.main(["--level", "head", "--methods", "nosuch", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite.build_parser().parse_args(["--pairs-seq", "4by2"])
+    with pytest.raises(SystemExit):
+        suite.build_parser().parse_args(["--shapes", "gpt-5"])
+
+
+def test_qlora_step_model_trains_lora_weights():
+    """The 4-bit build path (bitsandbytes' CPU backend here, CUDA on a GPU) gives peft QLoRA layers, and
+    one step of each available method moves the LoRA weights (gradients flow through the loss path)."""
+    from benchmarks import methods_step as ms
+    from benchmarks.models import get_model
+
+    pytest.importorskip("bitsandbytes")
+    peft_bnb = pytest.importorskip("peft.tuners.lora.bnb")
+    model = ms.build_model(get_model("tiny"), torch.device("cpu"), torch.bfloat16, quantize=True, lora_r=4)
+    layer = model.get_base_model().model.layers[0].mlp.down_proj
+    assert isinstance(layer, peft_bnb.Linear4bit)
+    batch = ms.make_batch(get_model("tiny").vocab_size, 1, 24, torch.device("cpu"))
+    for name in ("naive", "dpo_fast"):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        ms.run_one(model, ms.STEP_REGISTRY[name], batch)
+        after = dict(model.named_parameters())
+        moved = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
+        assert moved and all(torch.isfinite(after[n]).all() for n in before), name
+        assert all(after[n].grad is None for n in before)  # the step leaves no gradients behind
