@@ -25,9 +25,10 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7", "psutil>=5.9", "bitsandbytes>=0.45"],
-        "trl": ["trl>=1.0"],
-        "bench": ["psutil>=5.9", "bitsandbytes>=0.45"],
+        # trl is in the test extra so the TRL comparisons run instead of being skipped.
+        "test": ["pytest>=7", "psutil>=5.9", "bitsandbytes>=0.45", "trl>=1.0,<2"],
+        "trl": ["trl>=1.0,<2"],
+        "bench": ["psutil>=5.9", "bitsandbytes>=0.45", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["dpo-fast=dpo_fast.cli:main"]},
 )

@@ -15,11 +15,20 @@ _EXPORTS = {
     "linear_log_probs": "dpo_fast.ops.linear_log_probs",
     "dpo_loss": "dpo_fast.losses",
     "LOSS_TYPES": "dpo_fast.losses",
+    "reduce_sequence_logps": "dpo_fast.losses",
+    "preference_metrics": "dpo_fast.losses",
     "fused_linear_dpo_loss": "dpo_fast.fused_dpo",
     "patch": "dpo_fast.patching",
     "unpatch": "dpo_fast.patching",
+    "is_patched": "dpo_fast.patching",
     "add_reference_adapter": "dpo_fast.patching",
     "compute_dpo_loss": "dpo_fast.dpo",
+    "load_preference_rows": "dpo_fast.data",
+    "tokenize_pairs": "dpo_fast.data",
+    "PreferenceCollator": "dpo_fast.data",
+    "train": "dpo_fast.train",
+    "TrainConfig": "dpo_fast.train",
+    "DPOFastTrainer": "dpo_fast.train",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
