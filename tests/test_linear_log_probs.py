@@ -200,3 +200,15 @@ def test_nan_weight_is_reported():
     weight[3, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         linear_log_probs(torch.randn(2, 8), weight, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_recast_the_sweep(backend):
+    """Under bf16 autocast the fp32 head still computes in fp32 (tiles and accumulators)."""
+    hidden, weight, _, labels = _make((2, 7), 24, 300, torch.float32, True, False)
+    with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_log_probs(hidden, weight, labels)
+        out.sum().backward()
+    ref, (h64, w64, _), _, _ = _reference(hidden, weight, None, labels)
+    ref.sum().backward()
+    assert _rel(out, ref) < 1e-5 and _rel(hidden.grad, h64.grad) < 1e-5 and _rel(weight.grad, w64.grad) < 1e-5

@@ -151,6 +151,11 @@ def _backward_recompute(
     return (grad_h.to(hidden.dtype) if need_h else None), grad_w, grad_b
 
 
+def _no_autocast(t: torch.Tensor):
+    """The sweep picks its own precisions (fp32 tiles and accumulators): autocast must not recast them."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class _LinearLogProbs(torch.autograd.Function):
     """Autograd node over the compacted valid tokens: inputs h [n, d], W [V, d], b [V] or None."""
 
@@ -160,7 +165,8 @@ class _LinearLogProbs(torch.autograd.Function):
         # "recompute" (trainable head: keep inputs, recompute tiles in backward).
         want_e = grad_mode == "expected"
         trainable_head = grad_mode == "recompute"
-        label_logit, lse, e_excl, stats = _forward_sweep(hidden, weight, bias, labels, want_e, want_stats, backend)
+        with _no_autocast(hidden):
+            label_logit, lse, e_excl, stats = _forward_sweep(hidden, weight, bias, labels, want_e, want_stats, backend)
         logp = label_logit - lse
         ctx.backend = backend
         ctx.trainable_head = trainable_head
@@ -192,9 +198,10 @@ class _LinearLogProbs(torch.autograd.Function):
             grad_h = grad_logp[:, None] * ((1.0 - p_label)[:, None] * w_y - e_excl)
             return grad_h.to(weight.dtype), None, None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grad_h, grad_w, grad_b = _backward_recompute(
-            hidden, weight, bias, labels, lse, grad_logp, (need_h, need_w, need_b and bias is not None), ctx.backend
-        )
+        with _no_autocast(hidden):
+            grad_h, grad_w, grad_b = _backward_recompute(
+                hidden, weight, bias, labels, lse, grad_logp, (need_h, need_w, need_b and bias is not None), ctx.backend
+            )
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
