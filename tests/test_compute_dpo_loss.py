@@ -211,8 +211,10 @@ def test_bad_input():
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, psutil, torch
+    import json, sys, torch
     sys.path.insert(0, {repo!r})
+    sys.path.insert(0, {tests!r})
+    import rss_probe
     from transformers import LlamaConfig, LlamaForCausalLM
     from dpo_fast.dpo import compute_dpo_loss
     torch.manual_seed(0)
@@ -230,16 +232,16 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     warm, _ = compute_dpo_loss(policy, small(40), ref_model=ref)
     warm.backward()
     policy.zero_grad(set_to_none=False)
-    before = psutil.Process().memory_info().rss
+    before = rss_probe.start()
     loss, metrics = compute_dpo_loss(policy, batch, ref_model=ref)
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = rss_probe.peak()
     print(json.dumps(dict(before=before, peak=peak, tokens=ids.numel(), vocab=V, loss=loss.item())))
 """)
 
 
 def test_memory_far_below_logits_on_128k_vocab():
-    script = _MEMORY_SCRIPT.format(repo=REPO)
+    script = _MEMORY_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
