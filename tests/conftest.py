@@ -36,3 +36,12 @@ def _fresh_seed(request):
     seed = os.environ.get("DPO_FAST_TEST_SEED")
     torch.manual_seed(int(seed) if seed else (hash(request.node.nodeid) & 0xFFFFFFF) ^ os.getpid())
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one thread is fastest and immune to contention on a shared 2-core CI box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -12,12 +12,7 @@ import dpo_fast.demo as demo
 from dpo_fast.demo_task import demo_tokenizer, judge, make_preference_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_on_policy_pairs_use_the_models_wrong_answers_only(monkeypatch):

@@ -21,13 +21,7 @@ TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
              "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is fastest and immune to contention on a shared CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
