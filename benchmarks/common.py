@@ -50,6 +50,7 @@ class Cell:
     median_ms: Optional[float] = None
     tokens_per_s: Optional[float] = None
     peak_extra_mb: Optional[float] = None
+    peak_total_mb: Optional[float] = None  # GPU: absolute max_memory_allocated during the metered call
     ratio_time: Optional[float] = None  # this method's time / dpo_fast's time in the same case
     ratio_memory: Optional[float] = None  # this method's peak extra memory / dpo_fast's
     note: str = ""
@@ -325,11 +326,15 @@ def memory_cap(device: torch.device, cap_bytes: int) -> Iterator[Optional[Alloca
             yield meter
 
 
+_OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
 def is_oom(exc: BaseException) -> bool:
-    """True for out-of-memory errors (torch's, or an allocator message wrapped in a RuntimeError)."""
+    """True for out-of-memory errors: torch's, or an allocator / cuBLAS workspace failure wrapped in a
+    RuntimeError (what a library gets when the per-process memory fraction is reached)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
 def measure(level: str, case: str, method: str, tokens: int, make_step: Callable[[], Callable[[], Any]],
@@ -341,12 +346,14 @@ def measure(level: str, case: str, method: str, tokens: int, make_step: Callable
         step = make_step()
         cell.median_ms = time_ms(step, device, warmup=warmup, repeats=repeats)
         cell.peak_extra_mb = peak_extra_bytes(step, device) / MB
+        if device.type == "cuda":  # peak_extra_bytes reset the peak just before its call
+            cell.peak_total_mb = torch.cuda.max_memory_allocated(device) / MB
         cell.tokens_per_s = tokens / (cell.median_ms / 1e3) if cell.median_ms > 0 else None
         bad = [k for k in ("median_ms", "peak_extra_mb") if not math.isfinite(getattr(cell, k))]
         if bad:
             raise RuntimeError(f"non-finite measurement {bad}")
     except Exception as exc:  # one cell failing never stops the run
-        cell.median_ms = cell.tokens_per_s = cell.peak_extra_mb = None
+        cell.median_ms = cell.tokens_per_s = cell.peak_extra_mb = cell.peak_total_mb = None
         if is_oom(exc):
             cell.status = OOM
         else:

@@ -132,7 +132,7 @@ def run_fit(model_name: str, device: torch.device, dtype: torch.dtype, *, caps_g
                         f"{' (limit)' if res.best == res.limit else ''} [{res.probes} probes] {res.note}")
                     results.append(res)
     finally:
-        del model
+        model = None  # drop the model before emptying the cache
         free_memory(device)
     return results
 

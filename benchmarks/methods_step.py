@@ -14,14 +14,23 @@ Methods, each only if importable:
   trl           TRL 1.x DPOTrainer's loss path: trl.trainer.utils.add_fused_lm_head + fused_lm_head=True
   liger         backbone hidden states + Liger's LigerFusedLinearDPOLoss (reference head on the fly)
   cce           backbone hidden states + Cut Cross-Entropy per-token NLL summed per sequence
-  dpo_fast      dpo_fast.patch(model) (head + body kernels) + dpo_fast.compute_dpo_loss
+  dpo_fast      dpo_fast.patch(model) (head + body kernels, patch()'s defaults) + dpo_fast.compute_dpo_loss
   dpo_fast_head dpo_fast.patch(model, body=False): the fused head only
+  dpo_fast_rms_norm, dpo_fast_rope, dpo_fast_swiglu, dpo_fast_qlora_linear, dpo_fast_offload
+                the fused head plus ONE group of body kernels (patch(model, <group>=True, others False);
+                dpo_fast_offload = offloaded gradient checkpointing only): what each group buys on its own
+  dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing
   dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)
+
+Issue 6's comparison (`benchmarks/step.py` by default, `BODY_STEP_METHODS`): the unpatched baselines
+(naive, trl) against dpo_fast_head, each group on its own, dpo_fast and dpo_fast_all, with
+`vs_baseline` giving each method's time and memory as a fraction of the unpatched TRL step.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -30,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import Cell, free_memory, is_oom, measure, skipped, ERROR, OOM
+from benchmarks.common import (Cell, ERROR, OK, OOM, fmt_cap, free_memory, is_oom, measure, memory_cap,
+                               skipped)
 from benchmarks.models import ModelShape, get_model
 
 BETA = 0.1
@@ -52,12 +62,11 @@ def bnb_has_cuda() -> bool:
 # ---------------------------------------------------------------------------------- model
 
 
-def _quantize_4bit(model: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> None:
-    """Swap every nn.Linear of the decoder layers for a bitsandbytes NF4 Linear4bit (lm_head stays)."""
+def _quantize_linears(root: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Swap every nn.Linear under `root` for a bitsandbytes NF4 Linear4bit on `device`."""
     import bitsandbytes as bnb
 
-    layers = model.model.layers
-    for name, module in list(layers.named_modules()):
+    for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is not nn.Linear:
                 continue
@@ -69,8 +78,12 @@ def _quantize_4bit(model: nn.Module, device: torch.device, compute_dtype: torch.
             q.to(device)  # quantizes the weight
             setattr(module, child_name, q)
             del child
-    model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers with its QLoRA LoRA class
-    free_memory(device)
+
+
+def _decoder_layer_class(model: nn.Module) -> type:
+    modeling = importlib.import_module(type(model).__module__)
+    prefix = type(model).__name__.replace("ForCausalLM", "")
+    return getattr(modeling, f"{prefix}DecoderLayer")
 
 
 def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, *, quantize: Optional[bool] = None,
@@ -79,6 +92,11 @@ def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, *, 
 
     quantize=True also works on CPU through bitsandbytes' CPU backend (slow; the tests use it on a tiny
     model so the QLoRA path cannot rot).
+
+    The decoder is built one layer at a time and each layer is quantized before the next exists, as a
+    QLoRA load does: the full-precision body is never on the device at once, so (on a GPU) the caching
+    allocator is not left holding the freed bf16 segments around the 4-bit weights, which would count
+    against a memory cap (set_per_process_memory_fraction limits reserved memory, not allocated).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -86,10 +104,25 @@ def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, *, 
     quantize = bnb_has_cuda() if quantize is None else quantize
     config = shape.config()
     config._attn_implementation = "sdpa"
+    n_layers = config.num_hidden_layers
+    config.num_hidden_layers = 0
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.num_hidden_layers = n_layers
+    layer_class = _decoder_layer_class(model)
+    for index in range(n_layers):
+        with torch.device(device):
+            layer = layer_class(model.config, index).to(dtype)
+        layer.apply(model._init_weights)  # the model's own init (normal, std=initializer_range)
+        if quantize:
+            _quantize_linears(layer, device, dtype)
+        model.model.layers.append(layer)
+        del layer
+    if len(model.model.layers) != n_layers:
+        raise RuntimeError(f"built {len(model.model.layers)} decoder layers, expected {n_layers}")
     if quantize:
-        _quantize_4bit(model, device, dtype)
+        model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers with its QLoRA LoRA class
+    free_memory(device)
     model.requires_grad_(False)
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -244,20 +277,48 @@ def _trl_patch(model: nn.Module) -> Iterator[None]:
             del causal_lm.forward
 
 
-def _dpo_fast_patch(body: bool):
+def _body_counts(model: nn.Module) -> Optional[Dict[str, int]]:
+    """How many modules each body switch swapped (read from patch_body's record; None if absent)."""
+    holder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = holder.__dict__.get("_dpo_fast_body")
+    return dict(state["counts"]) if isinstance(state, dict) and "counts" in state else None
+
+
+def _dpo_fast_patch(body: bool, **body_options: bool):
+    """Context manager factory: dpo_fast.patch(model, body=body, **body_options) for the block.
+
+    Yields {"patched_modules": counts} (None without body kernels). A body switch that is on but swapped
+    no module raises: the cell would otherwise silently measure the unpatched body under that name.
+    """
     @contextlib.contextmanager
-    def ctx(model: nn.Module) -> Iterator[None]:
+    def ctx(model: nn.Module) -> Iterator[Optional[Dict[str, Any]]]:
         import dpo_fast.patching as patching
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            patching.patch(model, body=body)
+            patching.patch(model, body=body, **body_options)
         try:
-            yield
+            counts = _body_counts(model) if body else None
+            if body and counts is not None:
+                wanted = {**patching.BODY_OPTIONS, **body_options}
+                empty = [k for k, on in wanted.items() if on and not counts.get(k)]
+                if empty:
+                    raise RuntimeError(f"dpo_fast.patch swapped no module for {empty} (counts {counts})")
+            yield None if counts is None else {"patched_modules": counts}
         finally:
             patching.unpatch(model)
 
     return ctx
+
+
+#: One body group per method: (method name, patch() switch). Each runs with the fused head and only it.
+BODY_GROUPS = (("dpo_fast_rms_norm", "rms_norm"), ("dpo_fast_rope", "rope"), ("dpo_fast_swiglu", "swiglu"),
+               ("dpo_fast_qlora_linear", "qlora_linear"), ("dpo_fast_offload", "offload_checkpointing"))
+_ALL_BODY_SWITCHES = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing")
+
+
+def _only(switch: str) -> Dict[str, bool]:
+    return {k: k == switch for k in _ALL_BODY_SWITCHES}
 
 
 def _needs(*modules: str, cuda: bool = False) -> Callable[[torch.device], Optional[str]]:
@@ -309,11 +370,24 @@ for _m in (
     StepMethod("dpo_fast_precomputed_ref", _needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(True),
                _dpo_fast_make(True), "dpo_fast with precomputed reference log-probs",
                {"body": True, "ref": "precomputed"}),
+    *(StepMethod(_name, _needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(True, **_only(_switch)),
+                 _dpo_fast_make(False), f"fused head + the {_switch} body group only",
+                 {"body": f"{_switch} only", "ref": "on the fly"})
+      for _name, _switch in BODY_GROUPS),
+    StepMethod("dpo_fast_all", _needs("dpo_fast.dpo", "dpo_fast.patching"),
+               _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
+               "fused head + every body kernel + offloaded checkpointing",
+               {"body": "all + offload_checkpointing", "ref": "on the fly"}),
 ):
     register(_m)
 
 #: What --quick runs at the step level (the options rows are opt-in through --methods).
 QUICK_STEP_METHODS = ("naive", "trl", "liger", "cce", "dpo_fast")
+#: Issue 6's step comparison (benchmarks/step.py's default): unpatched baselines, the head alone, each
+#: body group on its own (with the head), patch()'s defaults, everything.
+BODY_STEP_METHODS = ("naive", "trl", "dpo_fast_head") + tuple(n for n, _ in BODY_GROUPS) + ("dpo_fast", "dpo_fast_all")
+#: The unpatched baseline the body comparison divides by, in order of preference.
+BASELINES = ("trl", "naive")
 
 
 def method_names() -> List[str]:
@@ -327,26 +401,36 @@ def step_cases(models: Sequence[str], sizes: Sequence[tuple]) -> List[Dict[str, 
     return [dict(model=m, pairs=p, seq_len=t) for m in models for p, t in sizes]
 
 
-def case_label(case: Dict[str, Any]) -> str:
-    return f"{case['model']} step {case['pairs']}x{case['seq_len']}"
+def case_label(case: Dict[str, Any], cap_gb: Optional[float] = None) -> str:
+    label = f"{case['model']} step {case['pairs']}x{case['seq_len']}"
+    return label if cap_gb is None else f"{label} cap {fmt_cap(cap_gb)}"
 
 
 def run_one(model: nn.Module, method: StepMethod, batch: Dict[str, torch.Tensor]) -> None:
     """One step of `method` (used by the fit search): install, run once, uninstall."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    with method.install(model):
-        step = method.make(model, batch, opt)
-        try:
+    try:
+        with method.install(model):
+            step = method.make(model, batch, opt)
             step()
-        finally:
-            opt.zero_grad(set_to_none=True)
-            del step, opt
+    finally:
+        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # a step that died mid-backward leaves gradients on the model
+        del opt
 
 
 def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch.dtype, *,
              methods: Optional[Sequence[str]] = None, warmup: int = 2, repeats: int = 5,
-             quantize: Optional[bool] = None, log: Callable[[str], None] = print) -> List[Cell]:
-    """Measure every (case, method) on one shared model per shape."""
+             quantize: Optional[bool] = None, cap_gb: Optional[float] = None,
+             log: Callable[[str], None] = print) -> List[Cell]:
+    """Measure every (case, method) on one shared model per shape.
+
+    cap_gb: run every cell under this memory cap (GPU: torch.cuda.set_per_process_memory_fraction, so
+    the model's weights count; CPU: simulated on the step's own allocations); a cell that runs "fits",
+    one that runs out of memory is an "OOM" cell. The model is built before the cap is set.
+    """
+    if cap_gb is not None and not (cap_gb > 0 and math.isfinite(cap_gb)):
+        raise ValueError(f"cap_gb must be a positive number of GB, got {cap_gb}")
     cells: List[Cell] = []
     # names of other levels' methods are ignored here; the suite rejects names no level knows
     names = [n for n in methods if n in STEP_REGISTRY] if methods else list(QUICK_STEP_METHODS)
@@ -361,9 +445,10 @@ def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch
             build_error = None
         except Exception as exc:
             build_error = exc
+        free_memory(device)
         quantized = bnb_has_cuda() if quantize is None else quantize
         for case in model_cases:
-            label = case_label(case)
+            label = case_label(case, cap_gb)
             tokens = 2 * case["pairs"] * case["seq_len"]
             for name in names:
                 method = STEP_REGISTRY[name]
@@ -376,17 +461,9 @@ def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch
                                       note=f"model build: {type(build_error).__name__}: {str(build_error)[:120]}"))
                     continue
                 params = dict(case, quantized_4bit=quantized, dtype=str(dtype).replace("torch.", ""),
-                              lora_r=16, gradient_checkpointing=True, **method.options)
-                batch = make_batch(shape.vocab_size, case["pairs"], case["seq_len"], device)
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-                try:
-                    with method.install(model):
-                        cell = measure("step", label, name, tokens, lambda: method.make(model, batch, opt), device,
-                                       warmup=warmup, repeats=repeats, params=params)
-                except Exception as exc:  # a patch that fails to install or uninstall
-                    cell = Cell("step", label, name, tokens, status=ERROR, note=f"{type(exc).__name__}: {exc}"[:160])
-                del opt, batch
-                free_memory(device)
+                              lora_r=16, gradient_checkpointing=True, cap_gb=cap_gb, **method.options)
+                cell = _measure_cell(model, method, shape, case, label, tokens, device, params, warmup, repeats,
+                                     cap_gb)
                 log(f"  step {label:40s} {name:26s} {cell.status:7s} "
                     f"{'' if cell.median_ms is None else f'{cell.median_ms:9.1f} ms {cell.peak_extra_mb:9.1f} MB'}"
                     f" {cell.note}")
@@ -394,3 +471,93 @@ def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch
         del model
         free_memory(device)
     return cells
+
+
+def _measure_cell(model: nn.Module, method: StepMethod, shape: ModelShape, case: Dict[str, Any], label: str,
+                  tokens: int, device: torch.device, params: Dict[str, Any], warmup: int, repeats: int,
+                  cap_gb: Optional[float]) -> Cell:
+    """One (case, method) cell: install the method's patch, measure (under the cap if any), clean up."""
+    batch = opt = None
+    try:
+        cap = memory_cap(device, int(cap_gb * (1 << 30))) if cap_gb is not None else contextlib.nullcontext()
+        with cap:
+            batch = make_batch(shape.vocab_size, case["pairs"], case["seq_len"], device)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            with method.install(model) as info:
+                if isinstance(info, dict):
+                    params.update(info)
+                cell = measure("step", label, method.name, tokens, lambda: method.make(model, batch, opt), device,
+                               warmup=warmup, repeats=repeats, params=params)
+                if device.type == "cuda" and cell.status == OK:  # what a memory cap limits: reserved memory
+                    cell.params["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / (1 << 20)
+    except Exception as exc:  # a patch that fails to install or uninstall, or an OOM outside the step
+        status = OOM if is_oom(exc) else ERROR
+        cell = Cell("step", label, method.name, tokens, status=status, params=params,
+                    note="" if status == OOM else f"{type(exc).__name__}: {exc}"[:160])
+    finally:
+        opt = batch = None  # drop them before emptying the cache
+        model.zero_grad(set_to_none=True)  # an OOM mid-backward leaves LoRA gradients behind
+        free_memory(device)
+    if cap_gb is not None and cell.status in (OK, OOM):
+        cell.note = (f"fits {fmt_cap(cap_gb)}" if cell.status == OK else f"does not fit {fmt_cap(cap_gb)}") + \
+            (f"; {cell.note}" if cell.note else "")
+    return cell
+
+
+# ---------------------------------------------------------------------------------- vs the unpatched baseline
+
+
+def vs_baseline(cells: Sequence[Cell], baselines: Sequence[str] = BASELINES) -> List[Dict[str, Any]]:
+    """Each step cell's time, tokens/s and peak memory as a fraction of the unpatched baseline's.
+
+    The baseline of a case is the first of `baselines` measured ok in that case (TRL's loss path on an
+    unpatched model, else naive). Issue 6's target reads: dpo_fast_all (or dpo_fast) time_vs_base <= 0.5
+    and memory_vs_base <= 0.5 at the 8B shape. memory_vs_base uses the peak above the model, batch and
+    optimizer state (peak extra); total_vs_base the absolute peak allocated (GPU only).
+    """
+    rows: List[Dict[str, Any]] = []
+    by_case: Dict[str, List[Cell]] = {}
+    for c in cells:
+        if c.level == "step":
+            by_case.setdefault(c.case, []).append(c)
+    for case, ccells in by_case.items():
+        ok = {c.method: c for c in ccells if c.status == OK}
+        base_name = next((b for b in baselines if b in ok), None)
+        base = ok.get(base_name) if base_name else None
+        for c in ccells:
+            row = {"case": case, "method": c.method, "status": c.status, "baseline": base_name,
+                   "median_ms": c.median_ms, "tokens_per_s": c.tokens_per_s, "peak_extra_mb": c.peak_extra_mb,
+                   "peak_total_mb": c.peak_total_mb, "time_vs_base": None, "memory_vs_base": None,
+                   "total_vs_base": None, "note": c.note}
+            if base is not None and c.status == OK:
+                row["time_vs_base"] = c.median_ms / base.median_ms if base.median_ms else None
+                row["memory_vs_base"] = c.peak_extra_mb / base.peak_extra_mb if base.peak_extra_mb else None
+                if c.peak_total_mb is not None and base.peak_total_mb:
+                    row["total_vs_base"] = c.peak_total_mb / base.peak_total_mb
+            rows.append(row)
+    return rows
+
+
+def format_vs_baseline(rows: Sequence[Dict[str, Any]]) -> str:
+    """The step table against the unpatched baseline (fractions: < 1 means less time / memory)."""
+    def f(x: Optional[float], spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    header = ("case", "method", "step ms", "tokens/s", "peak extra MB", "peak total MB", "time/base",
+              "mem/base", "total/base", "status")
+    table = [header]
+    for r in rows:
+        status = r["status"] + (f" ({r['note']})" if r["note"] else "")
+        table.append((r["case"], r["method"], f(r["median_ms"], ".1f"), f(r["tokens_per_s"], ".0f"),
+                      f(r["peak_extra_mb"], ".1f"), f(r["peak_total_mb"], ".1f"), f(r["time_vs_base"], ".3f"),
+                      f(r["memory_vs_base"], ".3f"), f(r["total_vs_base"], ".3f"), status))
+    widths = [max(len(t[i]) for t in table) for i in range(len(header) - 1)]
+    lines = ["step vs the unpatched baseline (base = " + ", else ".join(BASELINES) + " in the same case)"]
+    for k, t in enumerate(table):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(t[:-1], widths)) + "  " + t[-1])
+        if k == 0:
+            lines.append("-" * len(lines[-1]))
+    lines.append("time/base, mem/base: the method's median step time / peak extra memory (above model, batch and "
+                 "optimizer state) divided by the baseline's; total/base: absolute peak allocated (GPU only). "
+                 "Issue 6 target at the 8B shape: all kernels on <= 0.5 for time and memory.")
+    return "\n".join(lines)

@@ -82,7 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-seq-len", type=int, help="fit: sequence length of the batch search")
     p.add_argument("--warmup", type=int, help="head: warm-up calls before timing")
     p.add_argument("--repeats", type=int, help="head: timed calls (the median is reported)")
-    p.add_argument("--no-quantize", action="store_true", help="step/fit: keep the body unquantized on GPU")
+    p.add_argument("--step-warmup", type=int, help="step: warm-up steps before timing (>= 1 on a GPU: the first "
+                   "step compiles and autotunes the Triton kernels)")
+    p.add_argument("--step-repeats", type=int, help="step: timed steps (the median is reported)")
+    p.add_argument("--cap-gb", type=float, metavar="GB",
+                   help="step: run every step cell under this memory cap and report fits / OOM per method (GPU: "
+                        "torch.cuda.set_per_process_memory_fraction, model weights included, the CUDA context "
+                        "not; CPU: simulated on the step's allocations, so pass a tiny cap such as 0.016)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--no-quantize", action="store_true", help="step/fit: keep the body unquantized on GPU")
+    quant.add_argument("--quantize", action="store_true",
+                       help="step/fit: 4-bit NF4 body even without CUDA (bitsandbytes' CPU backend; slow)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--out", default="bench_out", help="directory for results.json and the PNG plots")
     return p
@@ -100,7 +110,8 @@ def _settings(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     overrides = dict(kinds=args.kinds, modes=args.modes, tokens=args.tokens, pairs_seq=args.pairs_seq,
                      step_sizes=args.step_sizes, caps=args.caps, fit_what=args.fit_what,
                      max_seq_len=args.max_seq_len, max_pairs=args.max_pairs, batch_seq_len=args.batch_seq_len,
-                     warmup=args.warmup, repeats=args.repeats)
+                     warmup=args.warmup, repeats=args.repeats, step_warmup=args.step_warmup,
+                     step_repeats=args.step_repeats)
     s.update({k: v for k, v in overrides.items() if v is not None})
     if args.fit_model:
         s["fit_model"] = args.fit_model if on_gpu else "tiny"
@@ -112,7 +123,16 @@ def _settings(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         if unknown:
             raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {sorted(known)}")
         s["fit_methods"] = [m for m in args.methods if m in methods_step.STEP_REGISTRY]
-    for key in ("tokens", "max_seq_len", "max_pairs", "batch_seq_len", "repeats"):
+    if args.cap_gb is not None and not (args.cap_gb > 0 and math.isfinite(args.cap_gb)):
+        raise ValueError(f"--cap-gb must be a positive number of GB, got {args.cap_gb}")
+    if on_gpu and args.cap_gb is not None:
+        total_gb = torch.cuda.get_device_properties(device).total_memory / (1 << 30)
+        if args.cap_gb > total_gb:
+            raise ValueError(f"--cap-gb {args.cap_gb:g} exceeds this GPU's {total_gb:.1f} GB")
+    s["cap_gb"] = args.cap_gb
+    if s["step_warmup"] < 0:
+        raise ValueError("--step-warmup must be >= 0")
+    for key in ("tokens", "max_seq_len", "max_pairs", "batch_seq_len", "repeats", "step_repeats"):
         vals = s[key] if isinstance(s[key], list) else [s[key]]
         if any(v < 1 for v in vals):
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
@@ -128,6 +148,8 @@ def run(argv: Optional[Sequence[str]] = None, *, log=print) -> Dict[str, Any]:
     """Run the suite; returns the JSON-able report (also written to <out>/results.json)."""
     args = build_parser().parse_args(argv)
     device = common.resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events and memory stats follow the current device
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny shapes: threads only add contention noise
@@ -153,7 +175,8 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, log) -
     timings: Dict[str, float] = {}
     cells: List[common.Cell] = []
     fit_results = []
-    quantize = False if args.no_quantize else None
+    quantize = False if args.no_quantize else (True if args.quantize else None)
+    step_rows: List[Dict[str, Any]] = []
 
     if "head" in settings["levels"]:
         from benchmarks import methods_head
@@ -170,7 +193,9 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, log) -
         t0 = time.perf_counter()
         cases = methods_step.step_cases(settings["step_models"], settings["step_sizes"])
         cells += methods_step.run_step(cases, device, dtype, methods=args.methods, warmup=settings["step_warmup"],
-                                       repeats=settings["step_repeats"], quantize=quantize, log=log)
+                                       repeats=settings["step_repeats"], quantize=quantize,
+                                       cap_gb=settings["cap_gb"], log=log)
+        step_rows = methods_step.vs_baseline(cells)
         timings["step"] = time.perf_counter() - t0
     if "fit" in settings["levels"]:
         from benchmarks import fit as fit_mod
@@ -186,7 +211,8 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, log) -
         timings["fit"] = time.perf_counter() - t0
 
     common.add_ratios(cells)
-    bad = [c for c in cells if not all(_finite(getattr(c, k)) for k in ("median_ms", "peak_extra_mb", "tokens_per_s"))]
+    bad = [c for c in cells if not all(_finite(getattr(c, k)) for k in ("median_ms", "peak_extra_mb", "peak_total_mb",
+                                                                      "tokens_per_s"))]
     if bad:
         raise RuntimeError(f"non-finite numbers in {[(c.case, c.method) for c in bad]}")
 
@@ -203,6 +229,7 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, log) -
         "notice": notice,
         "settings": {k: v for k, v in settings.items()},
         "cells": [c.to_dict() for c in cells],
+        "step_vs_baseline": step_rows,
         "fit": [r.to_dict() for r in fit_results],
         "plots": [os.path.basename(p) for p in plot_paths],
         "wall_seconds": timings,
@@ -214,6 +241,11 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, log) -
     log("")
     if cells:
         log(common.format_table(cells))
+    if step_rows:
+        from benchmarks.methods_step import format_vs_baseline
+
+        log("")
+        log(format_vs_baseline(step_rows))
     if fit_results:
         from benchmarks.fit import format_fit
 

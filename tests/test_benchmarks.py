@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELL_FIELDS = {"level", "case", "method", "tokens", "status", "median_ms", "tokens_per_s", "peak_extra_mb",
-               "ratio_time", "ratio_memory", "note", "params"}
+               "peak_total_mb", "ratio_time", "ratio_memory", "note", "params"}
 ENV_FIELDS = {"date", "command", "device", "gpu", "driver", "torch", "triton", "transformers", "peft", "trl",
               "bitsandbytes", "cuda", "python"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -232,3 +232,92 @@ def test_qlora_step_model_trains_lora_weights():
         moved = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
         assert moved and all(torch.isfinite(after[n]).all() for n in before), name
         assert all(after[n].grad is None for n in before)  # the step leaves no gradients behind
+
+
+def test_step_level_runs_every_body_group_in_4bit(tmp_path):
+    """Issue 6's step comparison (benchmarks/step.py's methods) at the tiny shape through bitsandbytes' CPU
+    4-bit backend: every method is measured with finite numbers and ratios to the unpatched baseline,
+    each dpo_fast group really swapped its modules, and a memory cap turns into fits / OOM per method."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import methods_step as ms
+    from benchmarks import suite
+    from benchmarks.step import ISSUE6_SHAPES, step_argv
+
+    argv = step_argv([])
+    assert argv[:2] == ["--level", "step"] and set(ISSUE6_SHAPES) <= set(argv)
+    assert set(ms.BODY_STEP_METHODS) <= set(argv) and "2x2048" in argv
+    assert "dpo_fast_rope" not in step_argv(["--methods", "naive"])
+    group_methods = {name for name, _ in ms.BODY_GROUPS} | {"dpo_fast_all"}
+    assert not group_methods & set(ms.QUICK_STEP_METHODS)  # --quick keeps its budget
+
+    common = ["--level", "step", "--step-sizes", "1x16", "--quantize", "--device", "cpu", "--step-warmup", "0",
+              "--step-repeats", "1", "--methods", *ms.BODY_STEP_METHODS]
+    report = suite.run(common + ["--out", str(tmp_path / "a")], log=lambda s: None)
+    cells = {c["method"]: c for c in report["cells"]}
+    expected = [m for m in ms.BODY_STEP_METHODS if ms.STEP_REGISTRY[m].unavailable(torch.device("cpu")) is None]
+    assert {"naive", "dpo_fast", "dpo_fast_all"} <= set(expected)
+    for name in expected:
+        assert cells[name]["status"] == "ok", (name, cells[name]["note"])
+        _assert_ok_cell(cells[name])
+        assert cells[name]["params"]["quantized_4bit"] is True
+    for name, switch in ms.BODY_GROUPS:
+        counts = cells[name]["params"]["patched_modules"]
+        assert counts[switch] > 0 and all(v == 0 for k, v in counts.items() if k != switch), (name, counts)
+    assert all(v > 0 for v in cells["dpo_fast_all"]["params"]["patched_modules"].values())
+    rows = {r["method"]: r for r in report["step_vs_baseline"]}
+    base = rows["naive"]["baseline"]
+    assert base in ("trl", "naive") and rows[base]["time_vs_base"] == pytest.approx(1.0)
+    for name in expected:
+        r = rows[name]
+        assert math.isfinite(r["time_vs_base"]) and r["time_vs_base"] > 0
+        assert r["time_vs_base"] == pytest.approx(cells[name]["median_ms"] / cells[base]["median_ms"])
+
+    capped = ["--methods", "naive", "dpo_fast_all"]
+    for cap, status, note in (("0.000001", "OOM", "does not fit"), ("1", "ok", "fits")):
+        rep = suite.run(common[:-len(ms.BODY_STEP_METHODS) - 1] + capped + ["--cap-gb", cap, "--out",
+                        str(tmp_path / cap)], log=lambda s: None)
+        assert [(c["method"], c["status"]) for c in rep["cells"]] == [("naive", status), ("dpo_fast_all", status)]
+        assert all(note in c["note"] and "cap" in c["case"] for c in rep["cells"])
+    with pytest.raises(ValueError, match="--cap-gb"):
+        suite.run(common + ["--cap-gb", "-1", "--out", str(tmp_path / "bad")], log=lambda s: None)
+
+
+def test_every_step_method_gives_the_unpatched_lora_update_in_4bit(one_torch_thread):
+    """One step of each of issue 6's methods on the same 4-bit tiny QLoRA model, from the same weights,
+    with plain SGD (lr 1: the update is the gradient): every LoRA A and B moves, by the same amount as
+    the unpatched naive step (so each group's kernels are in the measured step and compute the same
+    DPO gradient), and the model is unpatched again afterwards."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import methods_step as ms
+    from benchmarks.models import get_model
+    from dpo_fast.patching import is_patched
+
+    shape = get_model("tiny")
+    model = ms.build_model(shape, torch.device("cpu"), torch.float32, quantize=True, lora_r=4)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    with torch.no_grad():  # peft starts B at zero, which leaves A without gradient: give B values
+        for n, p in trainable.items():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    batch = ms.make_batch(shape.vocab_size, 1, 13, torch.device("cpu"))
+    names = [m for m in ms.BODY_STEP_METHODS if ms.STEP_REGISTRY[m].unavailable(torch.device("cpu")) is None]
+    updates = {}
+    for name in names:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(start[n])
+        method = ms.STEP_REGISTRY[name]
+        opt = torch.optim.SGD(list(trainable.values()), lr=1.0)
+        with method.install(model):
+            method.make(model, batch, opt)()
+        assert not is_patched(model), name
+        updates[name] = {n: start[n] - p.detach() for n, p in trainable.items()}
+        for n, u in updates[name].items():
+            assert torch.isfinite(u).all() and u.abs().max() > 0, (name, n)
+    ref = updates["naive"]
+    for name in names:
+        for n, u in updates[name].items():
+            scale = ref[n].abs().max()
+            torch.testing.assert_close(u, ref[n], rtol=2e-3, atol=2e-3 * float(scale), msg=lambda m: f"{name} {n}: {m}")
