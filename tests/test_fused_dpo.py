@@ -1,4 +1,8 @@
-"""fused_linear_dpo_loss vs the unfused float64 path (materialized logits, log_softmax, gather, sum, loss)."""
+"""fused_linear_dpo_loss vs the unfused float64 path (materialized logits, log_softmax, gather, sum, loss).
+
+The op runs on the `device` fixture for the triton backend (compiled on a GPU, the interpreter on CPU)
+and on the CPU for the torch backend; the float64 references are always computed on the CPU.
+"""
 import math
 
 import pytest
@@ -9,15 +13,21 @@ from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.linear_log_probs import chunking
 
 
+def _dev(backend: str, device: str) -> str:
+    """Where the op's inputs live: the test device for Triton, the CPU for the torch mirror."""
+    return device if backend == "triton" else "cpu"
+
+
 def _rel(a, b):
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    a, b = (torch.as_tensor(x).detach().cpu().to(torch.float64) for x in (a, b))
     assert torch.isfinite(a).all()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _batch(b, t, d, vocab, *, trainable=False, lengths=None):
-    hidden = torch.randn(2 * b, t, d, requires_grad=True)
-    weight = (torch.randn(vocab, d) / d**0.5 * 2).requires_grad_(trainable)
+def _batch(b, t, d, vocab, *, trainable=False, lengths=None, device="cpu"):
+    """Inputs drawn on the CPU (same draws on every device), then moved to `device` as leaves."""
+    hidden = torch.randn(2 * b, t, d)
+    weight = torch.randn(vocab, d) / d**0.5 * 2
     labels = torch.randint(0, vocab, (2 * b, t))
     prompt = torch.randint(1, t // 2, (2 * b,))
     prompt[b:] = prompt[:b]  # chosen and rejected share the prompt
@@ -26,13 +36,14 @@ def _batch(b, t, d, vocab, *, trainable=False, lengths=None):
         labels[r, : prompt[r]] = -100
         labels[r, end:] = -100
     labels[0, -1] = vocab - 1 if labels[0, -1] != -100 else -100
-    return hidden, weight, labels
+    return hidden.to(device).requires_grad_(), weight.to(device).requires_grad_(trainable), labels.to(device)
 
 
 def _unfused(hidden, weight, labels, ref_hidden, *, average=False):
-    """float64: per-row masked sums of log_softmax-gathered label log-probs, policy and reference."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_(weight.requires_grad)
+    """float64 on the CPU: per-row masked sums of log_softmax-gathered label log-probs, policy and reference."""
+    h = hidden.detach().cpu().double().requires_grad_()
+    w = weight.detach().cpu().double().requires_grad_(weight.requires_grad)
+    labels, ref_hidden = labels.cpu(), ref_hidden.detach().cpu()
     mask = labels != -100
 
     def seq(hh, ww):
@@ -44,15 +55,15 @@ def _unfused(hidden, weight, labels, ref_hidden, *, average=False):
 
     pol, z = seq(h, w)
     with torch.no_grad():
-        ref, _ = seq(ref_hidden.double(), weight.detach().double())
+        ref, _ = seq(ref_hidden.double(), weight.detach().cpu().double())
     return pol, ref, z, mask, h, w
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
-def test_sigmoid_matches_unfused(backend, trainable):
+def test_sigmoid_matches_unfused(backend, trainable, device):
     b, t, d, vocab, beta = 3, 13, 24, 301, 0.3
-    hidden, weight, labels = _batch(b, t, d, vocab, trainable=trainable)
+    hidden, weight, labels = _batch(b, t, d, vocab, trainable=trainable, device=_dev(backend, device))
     ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
     with use_backend(backend), chunking(16, 128):
         loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, beta=beta)
@@ -74,7 +85,7 @@ def test_sigmoid_matches_unfused(backend, trainable):
     }
     p = torch.softmax(z, -1)
     expect["entropy"] = (-(p * p.log()).sum(-1))[mask].mean()
-    expect["mean_token_accuracy"] = (z.argmax(-1) == labels)[mask].double().mean()
+    expect["mean_token_accuracy"] = (z.argmax(-1) == labels.cpu())[mask].double().mean()
     for k, v in expect.items():
         assert math.isclose(metrics[k], v.item(), rel_tol=1e-4, abs_tol=1e-5), (k, metrics[k], v.item())
 
@@ -91,14 +102,16 @@ def test_sigmoid_matches_unfused(backend, trainable):
     ],
     ids=["mpo", "ipo", "average", "hinge", "wpo"],
 )
-def test_loss_options_match_unfused(backend, opts):
+def test_loss_options_match_unfused(backend, opts, device):
     b, t, d, vocab, beta = 2, 11, 16, 257, 0.2
-    hidden, weight, labels = _batch(b, t, d, vocab)
+    dev = _dev(backend, device)
+    hidden, weight, labels = _batch(b, t, d, vocab, device=dev)
     ref_c, ref_r = torch.randn(b) - 20, torch.randn(b) - 20
     opts = dict(opts)
     with use_backend(backend), chunking(8, 100):
         loss, metrics = fused_linear_dpo_loss(
-            hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=beta, **opts
+            hidden, weight, labels, ref_chosen_logps=ref_c.to(dev), ref_rejected_logps=ref_r.to(dev), beta=beta,
+            **opts,
         )
         loss.backward()
     average = opts.pop("average_log_prob", False)
@@ -111,7 +124,7 @@ def test_loss_options_match_unfused(backend, opts):
         kwargs["chosen_nll"] = -pol[:b].sum() / lengths[:b].sum()
     if use_weighting:
         logp = torch.log_softmax(z, -1)
-        tok = logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+        tok = logp.gather(-1, labels.cpu().clamp_min(0)[..., None]).squeeze(-1)
         lsp2 = torch.logsumexp(2 * logp, -1)
         w_seq = torch.exp(torch.where(mask, tok - lsp2, 0.0).sum(1) / lengths).detach()
         kwargs["sample_weights"] = w_seq[:b] * w_seq[b:]
@@ -126,10 +139,10 @@ def test_loss_options_match_unfused(backend, opts):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_degenerate_batches(backend):
+def test_degenerate_batches(backend, device):
     """A pair whose completion is fully masked, very long next to very short completions."""
     b, t, d, vocab = 3, 40, 16, 200
-    hidden, weight, labels = _batch(b, t, d, vocab, lengths=[37, 1, 20, 1, 37, 0])
+    hidden, weight, labels = _batch(b, t, d, vocab, lengths=[37, 1, 20, 1, 37, 0], device=_dev(backend, device))
     labels[b + 2] = -100  # rejected completion of pair 2 entirely masked
     with use_backend(backend), chunking(32, 64):
         loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=hidden.detach(), beta=0.1)

@@ -1,4 +1,8 @@
-"""linear_log_probs vs a float64 autograd reference: Triton kernels (interpreter on CPU) and torch path."""
+"""linear_log_probs vs a float64 autograd reference: Triton kernels (interpreter on CPU) and torch path.
+
+The op runs on the `device` fixture for the triton backend (compiled on a GPU, the interpreter on CPU)
+and on the CPU for the torch backend; the float64 references are always computed on the CPU.
+"""
 import pytest
 import torch
 
@@ -9,15 +13,22 @@ from dpo_fast.ops.linear_log_probs import chunking, linear_log_probs_with_stats
 BACKENDS = ["torch", "triton"]
 
 
+def _dev(backend: str, device: str) -> str:
+    """Where the op's inputs live: the test device for Triton, the CPU for the torch mirror."""
+    return device if backend == "triton" else "cpu"
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().cpu(), b.detach().cpu()
     assert torch.isfinite(a).all(), "non-finite values"
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _make(shape, d, vocab, dtype, trainable, with_bias, ignore_frac=0.25):
-    hidden = torch.randn(*shape, d).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, d) / d**0.5 * 3).to(dtype).requires_grad_(trainable)
-    bias = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_(trainable) if with_bias else None
+def _make(shape, d, vocab, dtype, trainable, with_bias, ignore_frac=0.25, device="cpu"):
+    """Random inputs drawn on the CPU (same draws on every device), then moved to `device` as leaves."""
+    hidden = torch.randn(*shape, d).to(dtype)
+    weight = (torch.randn(vocab, d) / d**0.5 * 3).to(dtype)
+    bias = (torch.randn(vocab) * 0.5).to(dtype) if with_bias else None
     labels = torch.randint(0, vocab, shape)
     flat = labels.view(-1)
     flat[torch.rand(flat.shape) < ignore_frac] = -100
@@ -25,14 +36,18 @@ def _make(shape, d, vocab, dtype, trainable, with_bias, ignore_frac=0.25):
     flat[-1] = vocab - 1  # ... and in the last, ragged one
     if len(shape) == 2:
         labels[1, :] = -100  # an entirely ignored row
-    return hidden, weight, bias, labels
+    hidden = hidden.to(device).requires_grad_()
+    weight = weight.to(device).requires_grad_(trainable)
+    bias = bias.to(device).requires_grad_(trainable) if with_bias else None
+    return hidden, weight, bias, labels.to(device)
 
 
 def _reference(hidden, weight, bias, labels):
-    """float64 autograd: materialize logits, log_softmax, gather."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_(weight.requires_grad)
-    b = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    """float64 autograd on the CPU: materialize logits, log_softmax, gather."""
+    h = hidden.detach().cpu().double().requires_grad_()
+    w = weight.detach().cpu().double().requires_grad_(weight.requires_grad)
+    b = bias.detach().cpu().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    labels = labels.cpu()
     z = h @ w.t() + (b if b is not None else 0)
     logp = torch.log_softmax(z, -1)
     mask = labels != -100
@@ -57,20 +72,21 @@ def _materialized_lowp(hidden, weight, bias, labels):
     [((3, 23), 72, 1013, (16, 300)), ((37,), 40, 517, (8, 128)), ((2, 9), 33, 1000 + 13, None)],
     ids=["odd3d", "odd1d", "default-chunks"],
 )
-def test_fp32_matches_float64(backend, trainable, with_bias, shape, d, vocab, chunks):
-    hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, trainable, with_bias)
+def test_fp32_matches_float64(backend, trainable, with_bias, shape, d, vocab, chunks, device):
+    dev = _dev(backend, device)
+    hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, trainable, with_bias, device=dev)
     grad_out = torch.randn(shape)
     ctx = chunking(*chunks) if chunks else _null()
     with use_backend(backend), ctx:
         out = linear_log_probs(hidden, weight, labels, bias=bias)
-        (out * grad_out).sum().backward()
+        (out * grad_out.to(dev)).sum().backward()
     ref, (h64, w64, b64), _, mask = _reference(hidden, weight, bias, labels)
     (ref * grad_out).sum().backward()
-    assert out.dtype == torch.float32 and out.shape == labels.shape
-    assert (out[~mask] == 0).all()
+    assert out.dtype == torch.float32 and out.shape == labels.shape and out.device == hidden.device
+    assert (out.cpu()[~mask] == 0).all()
     assert _rel(out, ref) < 1e-5
     assert _rel(hidden.grad, h64.grad) < 1e-5
-    assert (hidden.grad.view(-1, d)[~mask.view(-1)] == 0).all()
+    assert (hidden.grad.cpu().view(-1, d)[~mask.view(-1)] == 0).all()
     if trainable:
         assert _rel(weight.grad, w64.grad) < 1e-5
         if with_bias:
@@ -90,17 +106,19 @@ class _null:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_accuracy(backend, trainable, dtype):
+def test_low_precision_accuracy(backend, trainable, dtype, device):
     shape, d, vocab = (4, 31), 72, 1013
-    hidden, weight, bias, labels = _make(shape, d, vocab, dtype, trainable, with_bias=False)
+    dev = _dev(backend, device)
+    hidden, weight, bias, labels = _make(shape, d, vocab, dtype, trainable, with_bias=False, device=dev)
     grad_out = torch.randn(shape)
     with use_backend(backend), chunking(32, 300):
         out = linear_log_probs(hidden, weight, labels)
-        (out * grad_out).sum().backward()
+        (out * grad_out.to(dev)).sum().backward()
     ref, (h64, w64, _), _, _ = _reference(hidden, weight, None, labels)
     (ref * grad_out).sum().backward()
+    # the low-precision baseline runs on the same device as the op (same GEMM library, same rounding)
     base, hb, wb = _materialized_lowp(hidden, weight, None, labels)
-    (base * grad_out).sum().backward()
+    (base * grad_out.to(dev)).sum().backward()
     err = {"logp": _rel(out, ref), "grad_h": _rel(hidden.grad, h64.grad)}
     base_err = {"logp": _rel(base, ref), "grad_h": _rel(hb.grad, h64.grad)}
     if trainable:
@@ -113,11 +131,12 @@ def test_low_precision_accuracy(backend, trainable, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stats_match_reference(backend):
+def test_stats_match_reference(backend, device):
     shape, d, vocab = (2, 17), 40, 777
-    hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, False, True)
+    hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, False, True, device=_dev(backend, device))
     with use_backend(backend), chunking(8, 200):
         out, stats = linear_log_probs_with_stats(hidden, weight, labels, bias=bias, stats=True)
+    stats = {k: v.cpu() for k, v in stats.items()}
     ref, _, z, mask = _reference(hidden, weight, bias, labels)
     logp = torch.log_softmax(z, -1)
     p = logp.exp()
@@ -132,23 +151,24 @@ def test_stats_match_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
-def test_all_ignored_gives_zeros_and_zero_grad(backend, trainable):
-    hidden = torch.randn(3, 5, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=trainable)
-    labels = torch.full((3, 5), -100)
+def test_all_ignored_gives_zeros_and_zero_grad(backend, trainable, device):
+    dev = _dev(backend, device)
+    hidden = torch.randn(3, 5, 16).to(dev).requires_grad_()
+    weight = torch.randn(50, 16).to(dev).requires_grad_(trainable)
+    labels = torch.full((3, 5), -100, device=dev)
     with use_backend(backend):
         out = linear_log_probs(hidden, weight, labels)
         assert out.requires_grad
         out.sum().backward()
-    assert torch.equal(out, torch.zeros(3, 5))
+    assert torch.equal(out, torch.zeros(3, 5, device=dev))
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
     if trainable:
         assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_custom_ignore_index_and_no_grad_forward(backend):
-    hidden, weight, _, labels = _make((4, 11), 24, 300, torch.float32, False, False)
+def test_custom_ignore_index_and_no_grad_forward(backend, device):
+    hidden, weight, _, labels = _make((4, 11), 24, 300, torch.float32, False, False, device=_dev(backend, device))
     labels = torch.where(labels == -100, torch.full_like(labels, 7777), labels)
     with use_backend(backend), torch.no_grad():
         out = linear_log_probs(hidden, weight, labels, ignore_index=7777)
@@ -203,10 +223,11 @@ def test_nan_weight_is_reported():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_does_not_recast_the_sweep(backend):
+def test_autocast_does_not_recast_the_sweep(backend, device):
     """Under bf16 autocast the fp32 head still computes in fp32 (tiles and accumulators)."""
-    hidden, weight, _, labels = _make((2, 7), 24, 300, torch.float32, True, False)
-    with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+    dev = _dev(backend, device)
+    hidden, weight, _, labels = _make((2, 7), 24, 300, torch.float32, True, False, device=dev)
+    with use_backend(backend), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
         out = linear_log_probs(hidden, weight, labels)
         out.sum().backward()
     ref, (h64, w64, _), _, _ = _reference(hidden, weight, None, labels)

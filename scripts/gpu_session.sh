@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The single command a GPU-lent session runs on the device machine (see benchmarks/RESULTS.md, "GPU session").
+#
+#   bash scripts/gpu_session.sh [check] [tests] [bench]      (no argument: all three, in that order)
+#
+# 1. check: python3 -m benchmarks.gpu_check   every Triton kernel compiled on CUDA vs float64 on the CPU, then
+#                                             the Llama-3-8B head timed against TRL's chunked head and naive
+# 2. tests: the kernel test files, compiled on the GPU (conftest leaves TRITON_INTERPRET unset there)
+# 3. bench: python3 -m benchmarks --quick, one level at a time (head, step, fit), each writing its own
+#           results.json, so a level cut off by its timeout loses only itself
+# Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 540 = 9 min);
+# a failing phase does not stop the next. Everything is tee'd to $OUT/session.log; the exit code is 1 if
+# any phase failed or timed out.
+#
+# ---- Before the session, on the CPU machine, from the repository root (the wheels are never committed) ----
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+#     bitsandbytes==0.50.2 trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#   du -sh .whl      # ~46 MB (bitsandbytes alone is 43 MB); the tree that travels must stay under 64 MiB
+# The device (Python 3.12, torch 2.11, triton 3.6, transformers 5.17, accelerate, pandas, pyarrow,
+# huggingface_hub, xxhash, fsspec already installed) lacks bitsandbytes, trl, liger-kernel, and trl's datasets
+# with its dill and multiprocess; bitsandbytes >= 0.43 wheels are manylinux_2_24, hence that --platform.
+#
+# ---- The device call (one call; it starts the machine, ~1-2 min of the 15-min device budget) ----
+#   run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# then give_back() unless rerunning at once (a machine stays warm 30 s after a call; starting a fresh one needs
+# >= 4 min of device time left). A rerun of one phase with less time, e.g. after fixing a kernel:
+#   run(command="GPU_SESSION_BUDGET=240 bash scripts/gpu_session.sh check", carry=[".whl"], timeout_s=300)
+# What comes back ($OUT, at most 8 files): session.log, gpu_check.json, bench_head/results.json,
+# bench_step/results.json, bench_fit/results.json, bench_plots.tgz.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench_out/gpu_session}"
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+: > "$LOG"
+BUDGET="${GPU_SESSION_BUDGET:-540}"
+START=$(date +%s)
+FAILED=()
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+say() { echo "[gpu_session +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# phase NAME TIMEOUT CMD...: run CMD with min(TIMEOUT, what is left of the budget), tee'd to the log.
+phase() {
+  local name=$1 want=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+  local t=$(( want < left ? want : left ))
+  if (( left < 20 )); then
+    say "SKIP $name: only ${left}s of the ${BUDGET}s budget left"
+    FAILED+=("$name(no time)")
+    return
+  fi
+  say "BEGIN $name (timeout ${t}s): $*"
+  timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG"
+  local rc=$?
+  if (( rc == 124 || rc == 137 )); then
+    say "TIMEOUT $name after ${t}s"
+    FAILED+=("$name(timeout)")
+  elif (( rc != 0 )); then
+    say "FAIL $name (exit $rc)"
+    FAILED+=("$name(exit $rc)")
+  else
+    say "OK $name"
+  fi
+}
+
+# ---- carried wheels, then the package itself (from the tree, no dependencies, nothing fetched)
+SITE=""
+if compgen -G ".whl/*.whl" > /dev/null; then
+  say "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+       2>&1 | tee -a "$LOG"; then
+    SITE=/tmp/site
+  else
+    say "WARNING: installing the carried wheels failed; going on without them"
+  fi
+else
+  say "no .whl/ carried: bitsandbytes / trl / liger checks will be skipped"
+fi
+export PYTHONPATH="${SITE:+$SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+  python3 - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl.kernels", "liger_kernel",
+             "datasets", "dpo_fast"):
+    try:
+        m = importlib.import_module(name)
+        top = importlib.import_module(name.split(".")[0])
+        print(f"{name:14s} {getattr(top, '__version__', '?'):12s} {m.__file__}")
+    except Exception as exc:
+        print(f"{name:14s} NOT IMPORTABLE: {type(exc).__name__}: {str(exc)[:200]}")
+import torch
+print("cuda available:", torch.cuda.is_available(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+} 2>&1 | tee -a "$LOG"
+
+PHASES=("$@")
+(( ${#PHASES[@]} )) || PHASES=(check tests bench)
+for p in "${PHASES[@]}"; do
+  case "$p" in
+    check)
+      phase gpu_check "${GPU_CHECK_TIMEOUT:-200}" python3 -m benchmarks.gpu_check --out "$OUT" ;;
+    tests)
+      # no -x: one GPU run should show every failing kernel test, not just the first (--maxfail bounds the log)
+      phase kernel_tests "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=10 \
+        --durations=5 tests/test_linear_log_probs.py tests/test_fused_dpo.py tests/test_body_kernels.py ;;
+    bench)
+      phase bench_head "${BENCH_HEAD_TIMEOUT:-150}" python3 -m benchmarks --quick --level head --out "$OUT/bench_head"
+      phase bench_step "${BENCH_STEP_TIMEOUT:-150}" python3 -m benchmarks --quick --level step --out "$OUT/bench_step"
+      phase bench_fit "${BENCH_FIT_TIMEOUT:-200}" python3 -m benchmarks --quick --level fit --out "$OUT/bench_fit" ;;
+    *)
+      say "unknown phase '$p' (use check, tests, bench)"; FAILED+=("$p(unknown)") ;;
+  esac
+done
+
+# at most 8 files come back from $OUT: fold the plots into one archive
+PLOTS=$(cd "$OUT" && find . -name '*.png' | sort)
+if [[ -n "$PLOTS" ]]; then
+  (cd "$OUT" && tar czf bench_plots.tgz $PLOTS && rm -f $PLOTS)
+fi
+say "files in $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+if (( ${#FAILED[@]} )); then
+  say "DONE with problems: ${FAILED[*]}"
+  exit 1
+fi
+say "DONE: every phase passed"
