@@ -52,6 +52,16 @@ def _chunk_sizes(n: int, v: int, d: int, on_cuda: bool) -> Tuple[int, int]:
     return 1024, max(512, min(v, (16 << 20) // (4 * 1024)))
 
 
+def _tile_dtype(weight: torch.Tensor) -> torch.dtype:
+    """dtype of the probability / logit-gradient tiles that feed the second GEMM.
+
+    On CUDA, the weight's dtype, so the GEMM runs on tensor cores (bf16/fp16 inputs, fp32
+    accumulation). On the CPU the GEMM upcasts to fp32 anyway, so rounding the tile to 16 bits
+    would only add error.
+    """
+    return weight.dtype if weight.is_cuda else torch.float32
+
+
 def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     z = mm_f32(h, w.t())
     if b is not None:
@@ -94,7 +104,7 @@ def _forward_sweep(
             v1 = min(v, v0 + tv)
             w = weight[v0:v1]
             z = _logits_tile(h, w, bias[v0:v1] if bias is not None else None)
-            p = torch.empty(z.shape, device=dev, dtype=weight.dtype) if want_e else None
+            p = torch.empty(z.shape, device=dev, dtype=_tile_dtype(weight)) if want_e else None
             online_softmax_tile(backend, z, lab, v0, m, s, label_logit[t0:t1], p, alpha, st)
             if want_e:
                 addmm_f32_(e.mul_(alpha[:, None]), p, w)
@@ -136,7 +146,7 @@ def _backward_recompute(
             t1 = min(n, t0 + tn)
             h = hidden[t0:t1]
             z = _logits_tile(h, w, bias[v0:v1] if bias is not None else None)
-            gz = torch.empty(z.shape, device=z.device, dtype=weight.dtype)
+            gz = torch.empty(z.shape, device=z.device, dtype=_tile_dtype(weight))
             logit_grad_tile(backend, z, labels[t0:t1], v0, lse[t0:t1], grad[t0:t1], gz)
             if need_h:
                 addmm_f32_(grad_h[t0:t1], gz, w)

@@ -13,9 +13,9 @@ import torch
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result, without rounding the product to a 16-bit dtype first."""
-    if a.dtype == torch.float32:
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and a.dtype == b.dtype:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):
@@ -46,14 +46,14 @@ def _probe_fused_addmm(device: torch.device) -> bool:
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc += a @ b, accumulating in fp32 (acc is fp32); one fused GEMM epilogue where possible."""
     global _fused_addmm_ok
-    if a.dtype == torch.float32:
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
         return acc.addmm_(a, b)
-    if a.is_cuda:
+    if a.is_cuda and a.dtype == b.dtype:
         if _fused_addmm_ok is None:
             _fused_addmm_ok = _probe_fused_addmm(a.device)
         if _fused_addmm_ok:
             return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    return acc.add_(mm_f32(a, b))
+    return acc.addmm_(a.float(), b.float())
 
 
 def online_softmax_tile(
