@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dpo_fast.train.config import (BAD_ROW_POLICIES, DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS,
@@ -182,6 +183,9 @@ def run_bench(bench_args: Sequence[str]) -> int:
     import importlib.util
     import runpy
 
+    checkout = Path(__file__).resolve().parent.parent  # a source checkout (editable install) holds benchmarks/
+    if importlib.util.find_spec("benchmarks") is None and (checkout / "benchmarks" / "__main__.py").is_file():
+        sys.path.insert(0, str(checkout))
     if importlib.util.find_spec("benchmarks") is None:
         print("dpo-fast bench: the benchmark suite (package `benchmarks`) is not importable here; "
               "run it from a source checkout", file=sys.stderr)

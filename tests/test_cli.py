@@ -134,3 +134,12 @@ def test_module_entry_point_and_bench_hook(monkeypatch):
     monkeypatch.setattr(runpy, "run_module", fake_run_module)
     assert main(["bench", "--suite", "head", "-x"]) == 3  # everything after `bench` goes to the suite
     assert seen == {"name": "benchmarks", "argv": ["benchmarks", "--suite", "head", "-x"]}
+
+
+def test_bench_runs_outside_the_checkout(tmp_path):
+    """`dpo-fast bench` finds the suite of the source checkout it was installed from, from any directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # dpo_fast from its (editable) install
+    run = subprocess.run([sys.executable, "-m", "dpo_fast", "bench", "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--quick" in run.stdout
