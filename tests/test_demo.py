@@ -64,8 +64,67 @@ def test_miniature_demo_runs_and_reports(tmp_path, capsys):
                                      num_attention_heads=2, num_key_value_heads=2))
     result = demo.run_demo(s)
     printed = capsys.readouterr().out
-    assert "after SFT" in printed and "after DPO" in printed and "DPO moved" in printed
-    for side in ("before", "after"):
-        assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in result[side].values())
-    assert os.path.isfile(result["plot"])
-    assert len(result["dpo"].history) == 3
+    assert "after SFT" in printed and "after DPO (sigmoid,sft)" in printed and "DPO moved" in printed
+    assert "after DPO (sigmoid)" in printed  # the plain-DPO column from the same SFT checkpoint
+    for side in (result["before"], result["after"], result["compare"]["after"]):
+        assert set(side) == {"reward_accuracy", "logp_accuracy", "win_rate"}
+        assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in side.values())
+    assert os.path.isfile(result["plot"]) and os.path.isfile(result["compare"]["plot"])
+    assert len(result["dpo"].history) == 3 and len(result["compare"]["dpo"].history) == 3
+    assert result["compare"]["loss_type"] == ["sigmoid"]
+    # generation prompts are distinct and never a training prompt
+    train = {r["prompt"] for r in make_preference_dataset(s.n_sft, seed=s.seed)}
+    assert len(result["prompts"]) == s.n_prompts == len(set(result["prompts"]))
+    assert not train & set(result["prompts"])
+
+
+def test_demo_without_compare_run_has_one_column(tmp_path, capsys):
+    s = replace(demo.DemoSettings(), output=str(tmp_path), n_sft=32, n_dpo=24, n_prompts=6, sft_steps=2,
+                dpo_steps=2, sft_batch=8, dpo_batch=8, progress=False, threads=1, compare_loss_type=[],
+                loss_type=["sigmoid"], model_overrides=dict(hidden_size=32, intermediate_size=64,
+                                                            num_hidden_layers=1, num_attention_heads=2,
+                                                            num_key_value_heads=2))
+    result = demo.run_demo(s)
+    printed = capsys.readouterr().out
+    assert result["compare"] is None and "after DPO (sigmoid)" in printed and "sigmoid,sft" not in printed
+
+
+def test_fresh_rows_avoid_excluded_and_repeated_prompts():
+    seed = int(torch.randint(0, 10_000, ()))
+    exclude = [r["prompt"] for r in make_preference_dataset(300, seed=seed)]
+    rows = demo.fresh_rows(250, seed + 1, exclude=exclude)
+    prompts = [r["prompt"] for r in rows]
+    assert len(rows) == 250 and len(set(prompts)) == 250 and not set(prompts) & set(exclude)
+    assert all(judge(r["prompt"], r["chosen"]) and not judge(r["prompt"], r["rejected"]) for r in rows)
+    assert demo.fresh_rows(250, seed + 1, exclude=exclude) == rows  # deterministic
+    with pytest.raises(ValueError, match="n"):
+        demo.fresh_rows(-1, seed)
+
+
+def test_format_table_columns_share_the_sft_baseline():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    keys = ("reward_accuracy", "logp_accuracy", "win_rate")
+    before, a1, a2 = ({k: float(torch.rand((), generator=g)) for k in keys} for _ in range(3))
+    table = demo.format_table(before, a1, {}, n_pairs=5, n_prompts=7,
+                              columns=[("after DPO (x)", a1, {"eval_rewards/margins": 0.25}),
+                                       ("after DPO (y)", a2, {})])
+    lines = table.splitlines()
+    assert "after DPO (x)" in lines[0] and "after DPO (y)" in lines[0]
+    for line, key in zip(lines[1:4], keys):
+        nums = [float(t) for t in line.split()[-5:]]
+        assert nums[0] == pytest.approx(before[key], abs=1e-3)
+        assert nums[1] == pytest.approx(a1[key], abs=1e-3) and nums[3] == pytest.approx(a2[key], abs=1e-3)
+        assert nums[2] == pytest.approx(a1[key] - before[key], abs=2e-3)
+        assert nums[4] == pytest.approx(a2[key] - before[key], abs=2e-3)
+    assert "0.250" in table and table.count("DPO moved") == 2
+
+
+def test_cli_options_map_onto_settings():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    s = demo.settings_from_args(parser.parse_args([]))
+    assert s.loss_type == ["sigmoid", "sft"] and s.compare_loss_type == ["sigmoid"]
+    s = demo.settings_from_args(parser.parse_args(["--loss-type", "sigmoid", "--compare-loss-type", "none"]))
+    assert s.loss_type == ["sigmoid"] and s.compare_loss_type == []
