@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dpo_fast.patching import is_patched, reference_model
-from dpo_fast.patching.head import IGNORE_INDEX, backbone_of, fused_token_log_probs
+from dpo_fast.patching.head import IGNORE_INDEX, backbone_hidden, fused_token_log_probs
 from dpo_fast.patching.support import check_supported
 
 _MODEL_KEYS = ("input_ids", "attention_mask")
@@ -73,9 +73,8 @@ def token_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Last hidden states [R, T-1, d] (position t predicts token t+1) and the lm_head's weight and bias."""
     causal_lm, _ = check_supported(model)
-    hidden = backbone_of(causal_lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    head = causal_lm.get_output_embeddings()
-    return hidden[:, :-1].to(head.weight.device), head.weight, head.bias
+    hidden, head = backbone_hidden(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
+    return hidden[:, :-1], head.weight, head.bias
 
 
 def compute_dpo_loss(

@@ -88,6 +88,14 @@ def head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return result
 
 
+def backbone_hidden(causal_lm: nn.Module, *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, nn.Module]:
+    """Run only the decoder stack: (last hidden states [B, T, d] on the head's device, the lm_head module)."""
+    kwargs["use_cache"] = False
+    hidden = backbone_of(causal_lm)(*args, **kwargs).last_hidden_state
+    head = causal_lm.get_output_embeddings()
+    return hidden.to(head.weight.device), head
+
+
 def fused_token_log_probs(causal_lm: nn.Module, *args: Any, labels: torch.Tensor,
                           shift_labels: Optional[torch.Tensor] = None,
                           outputs: Sequence[str] = ("log_probs",), **kwargs: Any) -> Dict[str, torch.Tensor]:
@@ -96,8 +104,7 @@ def fused_token_log_probs(causal_lm: nn.Module, *args: Any, labels: torch.Tensor
     `labels` are unshifted (as for `model(..., labels=...)`): the result has shape [B, T-1]. With
     `shift_labels` (already aligned with the positions), the result has shape [B, T].
     """
-    kwargs["use_cache"] = False
-    hidden = backbone_of(causal_lm)(*args, **kwargs).last_hidden_state
+    hidden, head = backbone_hidden(causal_lm, *args, **kwargs)
     if shift_labels is None:
         if labels is None:
             raise ValueError("labels: fused_lm_head=True needs labels (or shift_labels)")
@@ -109,8 +116,6 @@ def fused_token_log_probs(causal_lm: nn.Module, *args: Any, labels: torch.Tensor
             raise ValueError(
                 f"shift_labels: shape {tuple(shift_labels.shape)} does not match the input's {tuple(hidden.shape[:2])}")
         aligned = shift_labels
-    head = causal_lm.get_output_embeddings()
-    hidden = hidden.to(head.weight.device)
     return head_log_probs(hidden, head.weight, head.bias, aligned, outputs)
 
 
