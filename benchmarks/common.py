@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import importlib
 import math
 import os
 import platform
@@ -362,6 +363,21 @@ def measure(level: str, case: str, method: str, tokens: int, make_step: Callable
         del step
         free_memory(device)
     return cell
+
+
+def needs(*modules: str, cuda: bool = False) -> Callable[[torch.device], Optional[str]]:
+    """An `unavailable(device)` check for a method: None when it can run, else why not."""
+    def unavailable(device: torch.device) -> Optional[str]:
+        if cuda and device.type != "cuda":
+            return "needs CUDA"
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # ImportError, or a package that fails at import without a GPU
+                return f"{module} not importable ({type(exc).__name__})"
+        return None
+
+    return unavailable
 
 
 def skipped(level: str, case: str, method: str, tokens: int, reason: str) -> Cell:

@@ -12,7 +12,6 @@ CUDA), `build(kind, inputs)` returns the step to time. Every method reads the sa
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import ERROR, OOM, Cell, is_oom, measure, skipped
+from benchmarks.common import needs as _needs
 from benchmarks.models import get_model
 
 KINDS = ("logps", "dpo")
@@ -176,19 +176,6 @@ def _dpo_fast_fused_build(ref_on_the_fly: bool):
         return step
 
     return build
-
-
-def _needs(module: str, *, cuda: bool = False) -> Callable[[torch.device], Optional[str]]:
-    def unavailable(device: torch.device) -> Optional[str]:
-        if cuda and device.type != "cuda":
-            return "needs CUDA"
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # ImportError, or a package that fails at import without a GPU
-            return f"{module} not importable ({type(exc).__name__})"
-        return None
-
-    return unavailable
 
 
 @dataclass

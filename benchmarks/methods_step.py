@@ -41,6 +41,7 @@ from torch import nn
 
 from benchmarks.common import (Cell, ERROR, OK, OOM, fmt_cap, free_memory, is_oom, measure, memory_cap,
                                skipped)
+from benchmarks.common import needs as _needs
 from benchmarks.models import ModelShape, get_model
 
 BETA = 0.1
@@ -319,20 +320,6 @@ _ALL_BODY_SWITCHES = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_che
 
 def _only(switch: str) -> Dict[str, bool]:
     return {k: k == switch for k in _ALL_BODY_SWITCHES}
-
-
-def _needs(*modules: str, cuda: bool = False) -> Callable[[torch.device], Optional[str]]:
-    def unavailable(device: torch.device) -> Optional[str]:
-        if cuda and device.type != "cuda":
-            return "needs CUDA"
-        for module in modules:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:
-                return f"{module} not importable ({type(exc).__name__})"
-        return None
-
-    return unavailable
 
 
 @dataclass

@@ -20,14 +20,11 @@ from dpo_fast.losses import (
     reduce_sequence_logps,
     wpo_weights,
 )
-from dpo_fast.ops.linear_log_probs import compacted_log_probs
+from dpo_fast.ops.linear_log_probs import compacted_log_probs, scatter_valid
+
 
 def _segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
     return torch.zeros(n_segments, device=values.device, dtype=values.dtype).index_add(0, segments, values)
-
-
-def _dense(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return torch.zeros(shape.numel(), device=values.device, dtype=values.dtype).index_copy(0, idx, values).view(shape)
 
 
 def sequence_log_probs(
@@ -61,7 +58,7 @@ def sequence_log_probs(
     if ld_alpha is not None:
         # LD-DPO needs each token's position inside its completion: use the shared dense reducer.
         mask = labels != ignore_index
-        c, r, _, _ = reduce_sequence_logps(_dense(logp, idx, labels.shape), mask, ld_alpha=ld_alpha)
+        c, r, _, _ = reduce_sequence_logps(scatter_valid(logp, idx, labels.shape), mask, ld_alpha=ld_alpha)
         out["logps"] = torch.cat([c, r])
     elif average:
         out["logps"] = plain / lengths.clamp(min=1).to(plain.dtype)
@@ -73,8 +70,8 @@ def sequence_log_probs(
             out["mean_logit"] = _segment_sum(extra["mean_logit"], seg, rows)
             out["entropy"] = _segment_sum(extra["entropy"], seg, rows)
             out["argmax_hits"] = _segment_sum((extra["argmax"] == labels_valid).float(), seg, rows)
-            out["token_logps"] = _dense(logp.detach(), idx, labels.shape)
-            out["log_sum_p2"] = _dense(extra["log_sum_p2"], idx, labels.shape)
+            out["token_logps"] = scatter_valid(logp.detach(), idx, labels.shape)
+            out["log_sum_p2"] = scatter_valid(extra["log_sum_p2"], idx, labels.shape)
     return out
 
 

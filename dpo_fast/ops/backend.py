@@ -7,6 +7,7 @@ run under the Triton interpreter (TRITON_INTERPRET=1 set before triton is import
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional
 
@@ -16,7 +17,9 @@ _BACKENDS = ("triton", "torch")
 _forced: Optional[str] = None
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_usable() -> bool:
+    """Does triton import here? Asked once: a failed import would otherwise be retried per op."""
     try:
         import triton  # noqa: F401
     except Exception:

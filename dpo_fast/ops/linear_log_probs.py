@@ -298,6 +298,15 @@ def compacted_log_probs(
     return logp_valid, idx, extras
 
 
+def scatter_valid(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Dense tensor of ``shape`` holding ``values`` at the flat positions ``index``, 0 elsewhere.
+
+    The inverse of the compaction in `compacted_log_probs` (``index`` is its second output).
+    """
+    full = torch.zeros(shape.numel(), device=values.device, dtype=values.dtype).index_copy(0, index, values)
+    return full.view(shape)
+
+
 def linear_log_probs_with_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -316,13 +325,9 @@ def linear_log_probs_with_stats(
     logp_valid, idx, extras = compacted_log_probs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, stats=stats
     )
-    n_all = labels.numel()
-
-    def scatter(val: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(n_all, device=val.device, dtype=val.dtype).index_copy(0, idx, val)
-        return full.reshape(labels.shape)
-
-    return scatter(logp_valid), ({k: scatter(v) for k, v in extras.items()} if extras else None)
+    shape = labels.shape
+    dense = scatter_valid(logp_valid, idx, shape)
+    return dense, ({k: scatter_valid(v, idx, shape) for k, v in extras.items()} if extras else None)
 
 
 def linear_log_probs(

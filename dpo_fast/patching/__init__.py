@@ -12,7 +12,6 @@ import importlib
 import warnings
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import nn
 
 from .head import HEAD_OUTPUTS, FusedCausalLMOutput, make_fused_forward, validate_outputs

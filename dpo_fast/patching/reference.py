@@ -11,7 +11,7 @@ gradient checkpointing off, and never copies the base weights.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 from torch import nn

@@ -26,7 +26,10 @@ _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "save_pretrained")
+    """`dpo_fast.patching.support.is_peft_model`, imported on first use (it pulls in transformers)."""
+    from dpo_fast.patching.support import is_peft_model as _is_peft_model
+
+    return _is_peft_model(model)
 
 
 def save_model_weights(model: torch.nn.Module, directory: str) -> None:

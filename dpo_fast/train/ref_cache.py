@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from .loop import autocast, to_device
+
 CACHE_DIR = "ref_cache"
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -53,22 +55,14 @@ def compute_reference_logps(model: torch.nn.Module, examples: Sequence[Dict[str,
     rejected: List[torch.Tensor] = []
     for start in range(0, len(examples), batch_size):
         part = [{k: v for k, v in ex.items() if k not in REF_KEYS} for ex in examples[start:start + batch_size]]
-        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in collate(part).items()}
-        with torch.no_grad(), _autocast(device, autocast_dtype):
+        batch = to_device(collate(part), device)
+        with torch.no_grad(), autocast(device, autocast_dtype):
             c, r = ref_fn(model, batch)
         chosen.append(c.detach().float().cpu())
         rejected.append(r.detach().float().cpu())
     if not chosen:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(chosen), torch.cat(rejected)
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    import contextlib
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def load_or_compute(cache_root: str, key: str, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
