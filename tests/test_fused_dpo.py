@@ -134,7 +134,10 @@ def test_loss_options_match_unfused(backend, opts, device):
     )
     ref_loss = ref_losses.mean()
     ref_loss.backward()
-    assert _rel(loss, ref_loss) < 1e-5
+    # hinge / ipo losses can sit near their kink or minimum, where the loss is a small difference of
+    # O(beta * |logps|) terms: judge it relative to that scale (the log-probs carry fp32 rounding).
+    scale = max(abs(ref_loss.item()), beta * pol.detach().abs().max().item())
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * scale
     assert _rel(hidden.grad, h.grad) < 1e-5
 
 
