@@ -20,6 +20,8 @@ import dpo_fast.patching as P
 from dpo_fast.dpo import compute_dpo_loss, token_log_probs
 from dpo_fast.patching.reference import reference_model
 
+import rss_probe  # noqa: E402  (tests/ is on sys.path under pytest)
+
 V, D = 197, 64
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,7 +244,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 def test_memory_far_below_logits_on_128k_vocab():
     script = _MEMORY_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"))
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, **rss_probe.ENV, "OMP_NUM_THREADS": "2"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])

@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+import rss_probe
+
 _SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
@@ -39,7 +41,7 @@ _SCRIPT = textwrap.dedent(
 def _measure(mode):
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, mode, os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "DPO_FAST_BACKEND": "torch"},
+        env={**os.environ, **rss_probe.ENV, "DPO_FAST_BACKEND": "torch"},
     )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
