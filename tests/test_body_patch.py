@@ -129,15 +129,27 @@ def test_patched_qlora_llama_matches_unpatched(qlora_dir, backend, checkpointing
 
 def test_patched_qlora_llama_bf16(qlora_dir, device):
     model = _qlora_model(qlora_dir, torch.bfloat16, device)
+    # fp32 truth: the same nf4 codes, with every float parameter (LoRA, norms, embeddings) copied from
+    # the bf16 model, so the only difference left is the compute precision
+    truth = _qlora_model(qlora_dir, torch.float32, device)
+    src = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in truth.named_parameters():
+            if p.dtype.is_floating_point and n in src and src[n].shape == p.shape:
+                p.copy_(src[n].float())
     batch = _batch(device)
     want = _loss_and_grads(model, batch)
+    ref = _loss_and_grads(truth, batch)
     patch_body(model)
     got = _loss_and_grads(model, batch)
-    assert rel(got[0], want[0]) < 1e-2
-    # LoRA grads after two bf16 layers: compare as one vector (single tiny tensors are noisy in bf16)
+    assert rel(got[0], want[0]) < 1e-2 and rel(got[0], ref[0]) < 1e-2
+    # LoRA grads after two bf16 layers, as one vector: two bf16 implementations differ from each other by
+    # about as much as each differs from the fp32 truth (1.5e-2 .. 6e-2 here), so judge the patched one
+    # against the truth, next to the unpatched one's error (seen: ratio 0.6 .. 1.2 over 25 models)
     names = sorted(want[1])
     flat = lambda g: torch.cat([g[n].float().flatten() for n in names])  # noqa: E731
-    assert rel(flat(got[1]), flat(want[1])) < 3e-2
+    err_patched, err_unpatched = rel(flat(got[1]), flat(ref[1])), rel(flat(want[1]), flat(ref[1]))
+    assert err_patched < 1e-1 and err_patched <= 1.5 * err_unpatched, (err_patched, err_unpatched)
     unpatch_body(model)
 
 
