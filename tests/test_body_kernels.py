@@ -319,3 +319,15 @@ def test_offloaded_checkpoint_matches_plain_forward(input_requires_grad, device)
 def test_offloaded_checkpoint_needs_tensor_input():
     with pytest.raises(TypeError, match="first positional"):
         offloaded_checkpoint(lambda: None)
+
+
+def test_explicit_backend_is_checked(monkeypatch):
+    """An op's backend= argument gets the same checks as DPO_FAST_BACKEND: a clear error, not a crash in triton."""
+    from dpo_fast.ops.swiglu import swiglu
+
+    gate, up = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        swiglu(gate, up, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        swiglu(gate, up, backend="triton")

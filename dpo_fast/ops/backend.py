@@ -27,15 +27,22 @@ def _triton_usable() -> bool:
     return True
 
 
-def select_backend(t: torch.Tensor) -> str:
-    """The backend for an op whose main input is ``t``."""
+def _checked(choice: str, t: torch.Tensor, what: str) -> str:
+    if choice not in _BACKENDS:
+        raise ValueError(f"{what} must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return choice
+
+
+def select_backend(t: torch.Tensor, requested: Optional[str] = None) -> str:
+    """The backend for an op whose main input is ``t``: ``requested`` (an op's ``backend=``
+    argument) if given, else `use_backend` / DPO_FAST_BACKEND, else Triton for CUDA tensors."""
+    if requested is not None:
+        return _checked(requested, t, "backend")
     choice = _forced or os.environ.get("DPO_FAST_BACKEND") or None
     if choice is not None:
-        if choice not in _BACKENDS:
-            raise ValueError(f"DPO_FAST_BACKEND must be one of {_BACKENDS}, got {choice!r}")
-        if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        return choice
+        return _checked(choice, t, "DPO_FAST_BACKEND" if _forced is None else "use_backend's name")
     return "triton" if t.is_cuda and _triton_usable() else "torch"
 
 

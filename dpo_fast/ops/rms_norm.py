@@ -86,7 +86,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     _check(x, weight)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    backend = backend or select_backend(x)
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    backend = select_backend(x, backend)
     return RMSNormFunction.apply(x, weight, eps, backend).view(x.shape)

@@ -130,9 +130,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
             or cos.shape[0] not in (1, batch) or k.shape[0] != batch or k.shape[seq_axis] != seq):
         raise ValueError(f"cos/sin must be [B or 1, T, D] = [{batch} or 1, {seq}, {dim}] matching q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)}, got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    backend = backend or select_backend(q)
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    backend = select_backend(q, backend)
     cos, sin = cos.contiguous(), sin.contiguous()
     if inplace and backend == "triton" and _unit_last_stride(q) and _unit_last_stride(k):
         return RoPEInplaceFunction.apply(q, cos, sin, unsqueeze_dim), RoPEInplaceFunction.apply(k, cos, sin, unsqueeze_dim)

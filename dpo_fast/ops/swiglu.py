@@ -55,7 +55,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = Non
                          f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
     if not gate.is_floating_point():
         raise TypeError(f"gate must be floating point, got {gate.dtype}")
-    backend = backend or select_backend(gate)
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    backend = select_backend(gate, backend)
     return SwiGLUFunction.apply(gate, up, backend)
