@@ -110,8 +110,7 @@ def win_rate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
 def logp_preference_accuracy(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], collate: Any,
                              batch_size: int = 64) -> float:
     """Fraction of pairs whose chosen completion gets a higher log-prob than the rejected one."""
-    from dpo_fast.dpo import token_log_probs
-    from dpo_fast.losses import reduce_sequence_logps
+    from dpo_fast.dpo import sequence_logps
 
     was_training = model.training
     model.eval()
@@ -122,9 +121,7 @@ def logp_preference_accuracy(model: torch.nn.Module, examples: Sequence[Dict[str
             batch = collate([{k: v for k, v in e.items() if not k.startswith("ref_")}
                              for e in examples[start:start + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            per_token = token_log_probs(model, batch["input_ids"], batch["attention_mask"], labels)
-            chosen, rejected, _, _ = reduce_sequence_logps(per_token, batch["completion_mask"][:, 1:])
+            chosen, rejected = sequence_logps(model, batch)
             wins += int((chosen > rejected).sum())
     finally:
         model.train(was_training)

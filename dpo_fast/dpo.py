@@ -70,6 +70,23 @@ def token_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                                  labels=labels)["log_probs"]
 
 
+def sequence_logps(model: nn.Module, batch: Mapping[str, Any], *, average_log_prob: bool = False,
+                   ld_alpha: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected sequence log-probs [B], [B] of a preference batch under `model`.
+
+    The same reduction `compute_dpo_loss` uses (completion tokens only, next-token alignment), for
+    callers that need the numbers alone: precomputing reference log-probs, evaluation.
+    """
+    from dpo_fast.losses import reduce_sequence_logps
+
+    input_ids, attention_mask, completion_mask = _validate_batch(batch)
+    labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
+    per_token = token_log_probs(model, input_ids, attention_mask, labels)
+    chosen, rejected, _, _ = reduce_sequence_logps(per_token, completion_mask[:, 1:].to(torch.bool),
+                                                   average=average_log_prob, ld_alpha=ld_alpha)
+    return chosen, rejected
+
+
 def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Last hidden states [R, T-1, d] (position t predicts token t+1) and the lm_head's weight and bias."""
     causal_lm, _ = check_supported(model)

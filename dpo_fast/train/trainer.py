@@ -145,23 +145,14 @@ class DPOFastTrainer:
 
     def reference_logps(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reference sequence log-probs [B], [B]: the same computation compute_dpo_loss runs on the fly."""
-        from dpo_fast.dpo import token_log_probs
-        from dpo_fast.losses import reduce_sequence_logps
+        from dpo_fast.dpo import sequence_logps
         from dpo_fast.patching import reference_model
-        from dpo_fast.patching.head import IGNORE_INDEX
 
-        input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
-        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
-        labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
-        loss_mask = completion_mask[:, 1:].to(torch.bool)
         ref_model = self.ref_model
         if ref_model is None and not ckpt.is_peft_model(model):
             ref_model = model  # full fine-tune, precomputed before any update: the model is the reference
         with reference_model(model, ref_model=ref_model) as ref:
-            per_token = token_log_probs(ref, input_ids, attention_mask, labels)
-            chosen, rejected, _, _ = reduce_sequence_logps(per_token, loss_mask, average=self.cfg.average_log_prob,
-                                                           ld_alpha=self.cfg.ld_alpha)
-        return chosen, rejected
+            return sequence_logps(ref, batch, average_log_prob=self.cfg.average_log_prob, ld_alpha=self.cfg.ld_alpha)
 
     def reference_description(self) -> str:
         from dpo_fast.patching.reference import describe_reference
