@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import warnings
 
 import pytest
 import torch
