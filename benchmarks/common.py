@@ -311,6 +311,8 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 def memory_cap(device: torch.device, cap_bytes: int) -> Iterator[Optional[AllocationMeter]]:
     """Run the block as if the device had only `cap_bytes` (GPU: a fraction of the card, CPU: simulated)."""
     if device.type == "cuda":
+        # set_per_process_memory_fraction wants an index: a bare "cuda" means the current device
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         total = torch.cuda.get_device_properties(device).total_memory
         if cap_bytes > total:
             raise ValueError(f"memory cap {cap_bytes / 1e9:.1f} GB exceeds the GPU's {total / 1e9:.1f} GB")

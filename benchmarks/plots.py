@@ -98,3 +98,62 @@ def plot_fit(results: Sequence[FitResult], out_dir: str, *, device_label: str) -
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_headline(rows: Sequence[dict], out_path: str, *, title: str,
+                  methods: Sequence[str] = ("trl", "dpo_fast", "dpo_fast_all")) -> str:
+    """Bars of step time and peak memory (total and above the weights) per method, labelled with the ratio
+    to the first method: the README's headline figure, drawn from a results.json "step_vs_baseline" list."""
+    by_method = {r["method"]: r for r in rows if r.get("status") == OK}
+    names = [m for m in methods if m in by_method]
+    if len(names) < 2:
+        raise ValueError(f"need at least two of {list(methods)} measured ok, got {sorted(by_method)}")
+    base = by_method[names[0]]
+    panels = (("median_ms", "step time (ms)"), ("peak_total_mb", "peak GPU memory, total (MB)"),
+              ("peak_extra_mb", "peak memory above weights (MB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        values = [by_method[m][key] for m in names]
+        bars = ax.bar(names, values, color=["#999999"] + ["#1f77b4"] * (len(names) - 1))
+        for bar, v in zip(bars, values):
+            ax.annotate(f"{v / base[key]:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                        va="bottom", fontsize=9)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(values) * 1.15)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def headline_main(argv: Sequence[str] = None) -> int:
+    """python -m benchmarks.plots RESULTS_JSON OUT_PNG [--case CASE]: the headline figure of a step run."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=headline_main.__doc__)
+    p.add_argument("results", help="a step run's results.json")
+    p.add_argument("out", help="PNG path")
+    p.add_argument("--case", help="which case (default: the first)")
+    p.add_argument("--methods", nargs="+", default=["trl", "dpo_fast", "dpo_fast_all"])
+    args = p.parse_args(argv)
+    with open(args.results) as fh:
+        data = json.load(fh)
+    rows = data.get("step_vs_baseline") or []
+    case = args.case or (rows[0]["case"] if rows else None)
+    rows = [r for r in rows if r["case"] == case]
+    if not rows:
+        raise SystemExit(f"{args.results}: no step_vs_baseline rows for case {case!r}")
+    env = data.get("environment", {})
+    title = (f"{case}, QLoRA DPO step (policy + reference), {env.get('gpu', env.get('device'))}, "
+             f"torch {env.get('torch')}, {str(env.get('date', ''))[:10]}")
+    print(plot_headline(rows, args.out, title=title, methods=args.methods))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(headline_main())

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The single command a GPU-lent session runs on the device machine (see benchmarks/RESULTS.md, "GPU session").
 #
-#   bash scripts/gpu_session.sh [check] [tests] [bench]      (no argument: all three, in that order)
+#   bash scripts/gpu_session.sh [check] [tests] [step8b] [step8bcap] [profile] [step1b] [bench]
+#                                                (no argument: check, tests, bench, in that order)
 #
 # 1. check: python3 -m benchmarks.gpu_check   every Triton kernel compiled on CUDA vs float64 on the CPU, then
 #                                             the Llama-3-8B head timed against TRL's chunked head and naive
 # 2. tests: the kernel test files, compiled on the GPU (conftest leaves TRITON_INTERPRET unset there)
+# step8b, step8bcap, step1b: benchmarks/step.py (issue 6) at the 8B shape uncapped and under a 16 GB cap,
+#           and group by group at the 1B shape; each writes $OUT/step_*/results.json
 # 3. bench: python3 -m benchmarks --quick, one level at a time (head, step, fit), each writing its own
 #           results.json, so a level cut off by its timeout loses only itself
 # Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 540 = 9 min);
@@ -70,7 +73,7 @@ phase() {
 
 # ---- carried wheels, then the package itself (from the tree, no dependencies, nothing fetched)
 SITE=""
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ -z "${GPU_SESSION_NO_WHEELS:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then
   say "installing carried wheels: $(ls .whl | tr '\n' ' ')"
   if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
        2>&1 | tee -a "$LOG"; then
@@ -111,12 +114,28 @@ for p in "${PHASES[@]}"; do
       # no -x: one GPU run should show every failing kernel test, not just the first (--maxfail bounds the log)
       phase kernel_tests "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=10 \
         --durations=5 tests/test_linear_log_probs.py tests/test_fused_dpo.py tests/test_body_kernels.py ;;
+    step8b)
+      # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens: step time and peak memory vs unpatched TRL
+      phase step_8b "${STEP8B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.1-8b --step-sizes 2x2048 \
+        --methods trl dpo_fast_head dpo_fast dpo_fast_all --step-warmup 1 --step-repeats 2 --out "$OUT/step_8b" ;;
+    step8bcap)
+      # ... and whether that step fits a 16 GB cap (torch.cuda.set_per_process_memory_fraction)
+      phase step_8b_cap16 "${STEP8BCAP_TIMEOUT:-150}" python3 benchmarks/step.py --shapes llama-3.1-8b \
+        --step-sizes 2x2048 --cap-gb 16 --methods trl dpo_fast dpo_fast_all --step-warmup 1 --step-repeats 2 \
+        --out "$OUT/step_8b_cap16" ;;
+    profile)
+      # where the 8B step's GPU time goes (trl vs dpo_fast_all), and the nf4 dequantize share per projection
+      phase profile "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_step.py --out "$OUT/profile" ;;
+    step1b)
+      # issue 6's group-by-group comparison at the 1B shape
+      phase step_1b "${STEP1B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.2-1b \
+        --step-sizes 2x1024 2x2048 --step-warmup 1 --step-repeats 3 --out "$OUT/step_1b" ;;
     bench)
       phase bench_head "${BENCH_HEAD_TIMEOUT:-150}" python3 -m benchmarks --quick --level head --out "$OUT/bench_head"
       phase bench_step "${BENCH_STEP_TIMEOUT:-150}" python3 -m benchmarks --quick --level step --out "$OUT/bench_step"
       phase bench_fit "${BENCH_FIT_TIMEOUT:-200}" python3 -m benchmarks --quick --level fit --out "$OUT/bench_fit" ;;
     *)
-      say "unknown phase '$p' (use check, tests, bench)"; FAILED+=("$p(unknown)") ;;
+      say "unknown phase '$p' (use check, tests, step8b, step8bcap, profile, step1b, bench)"; FAILED+=("$p(unknown)") ;;
   esac
 done
 

@@ -321,3 +321,50 @@ def test_every_step_method_gives_the_unpatched_lora_update_in_4bit(one_torch_thr
         for n, u in updates[name].items():
             scale = ref[n].abs().max()
             torch.testing.assert_close(u, ref[n], rtol=2e-3, atol=2e-3 * float(scale), msg=lambda m: f"{name} {n}: {m}")
+
+
+def test_headline_plot_from_a_step_results_json(tmp_path):
+    """The README's headline figure is drawn from a step run's results.json, ratios to the first method."""
+    from benchmarks.plots import headline_main
+
+    rows = [dict(case="m step 2x8", method=m, status="ok", median_ms=t, peak_total_mb=tot, peak_extra_mb=ex)
+            for m, t, tot, ex in (("trl", 10.0, 100.0, 50.0), ("dpo_fast", 6.0, 80.0, 30.0),
+                                  ("dpo_fast_all", 5.0, 70.0, 20.0))]
+    rows.append(dict(case="m step 2x8", method="naive", status="oom"))
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"environment": {"gpu": "X", "torch": "2", "date": "2026-01-01"},
+                               "step_vs_baseline": rows}))
+    out = tmp_path / "h.png"
+    assert headline_main([str(res), str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(SystemExit, match="no step_vs_baseline rows"):
+        headline_main([str(res), str(out), "--case", "other"])
+    with pytest.raises(ValueError, match="at least two"):
+        headline_main([str(res), str(out), "--methods", "trl", "naive"])
+
+
+def test_memory_cap_on_cuda_resolves_a_bare_cuda_device(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction wants an index: a bare "cuda" device must become the
+    current device (this broke every capped step cell on the first H200 run)."""
+    from types import SimpleNamespace
+
+    from benchmarks import common
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=64 << 30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def set_fraction(fraction, device):
+        if not isinstance(device, int) and torch.device(device).index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        calls.append((fraction, device))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    with common.memory_cap(torch.device("cuda"), 16 << 30):
+        pass
+    assert [c[0] for c in calls] == [0.25, 1.0]
+    assert all(torch.device(c[1]) == torch.device("cuda", 0) for c in calls)
+    with pytest.raises(ValueError, match="exceeds the GPU"):
+        with common.memory_cap(torch.device("cuda:0"), 65 << 30):
+            pass

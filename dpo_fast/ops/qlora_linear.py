@@ -8,9 +8,10 @@ and the tiny [N, r] product ``dropout(x) A^T``. Backward dequantizes W again for
 computes gradients for A and B only: the base weight and bias are frozen, so no grad_W is formed.
 Autograd through peft + bitsandbytes instead keeps the LoRA branch's intermediates and casts.
 
-Dequantize-then-matmul is used on every device. Fusing the nf4 dequantization into a Triton GEMM
-saves one [out, in] temporary per layer but only pays off if it beats cuBLAS at these shapes —
-a GPU-measurement question (benchmarks/step.py), not settled here.
+Dequantize-then-matmul is used on every device, by measurement: in an 8B QLoRA DPO step on an H200
+(benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of the GPU time while the
+cuBLAS GEMMs after it run at ~665 TFLOP/s, so a fused Triton dequant+GEMM could save at most that 4%
+and would have to match cuBLAS to save anything.
 
 Precision: the base matmul runs in the base layer's compute dtype (bitsandbytes' ``compute_dtype``,
 else x's dtype) like bitsandbytes; the rank-r LoRA products run in the adapter's dtype (peft keeps

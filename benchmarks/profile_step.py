@@ -1,0 +1,219 @@
+"""Where a QLoRA DPO step spends its GPU time: a torch.profiler breakdown, plus the nf4 dequantize share.
+
+    python benchmarks/profile_step.py                       # 8B shape, 2x2048: trl, dpo_fast, dpo_fast_all
+    python benchmarks/profile_step.py --shape llama-3.2-1b --methods trl dpo_fast --size 2x1024
+
+For each method: one warm-up step, then one profiled step; the device kernels are summed by name and by
+category (GEMM, nf4 dequantize, attention, dpo_fast's Triton kernels, copies, the rest), so the next
+optimisation goes where the time is. Then, on CUDA with bitsandbytes, the dequantize-then-cuBLAS split of
+each of the shape's projections at --size's token count: what a fused nf4 dequant+matmul could save at
+most is the dequantize share. Without CUDA the same code runs on the tiny CPU model (CPU op times; not GPU
+numbers). Writes profile.json under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import environment, free_memory, resolve_device  # noqa: E402
+from benchmarks.methods_step import STEP_REGISTRY, bnb_has_cuda, build_model, make_batch  # noqa: E402
+from benchmarks.models import MODELS, default_dtype, get_model  # noqa: E402
+
+#: kernel-name fragments per category, first match wins (lower-case)
+CATEGORIES = (
+    ("nf4 dequantize", ("dequant",)),
+    ("dpo_fast triton", ("_rms_norm_", "_rope_kernel", "_swiglu_", "_online_softmax", "_logit_grad")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere", "matmul", "addmm", "aten::mm", "bmm")),
+    ("copy / offload", ("memcpy", "copy", "memset")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_method(model, method_name: str, batch, device: torch.device, top: int) -> Dict[str, Any]:
+    """One warm-up step and one profiled step of `method_name`; kernel time by name and by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    method = STEP_REGISTRY[method_name]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    try:
+        with method.install(model):
+            step = method.make(model, batch, opt)
+            step()
+            _sync(device)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                step()
+                _sync(device)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        del opt
+        free_memory(device)
+    by_name: Dict[str, float] = defaultdict(float)
+    counts: Dict[str, int] = defaultdict(int)
+    on_device = device.type == "cuda"
+    for evt in prof.events():
+        if on_device:
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.time_range.elapsed_us()
+        else:  # CPU: each aten op's self time, so nested ops (mm inside linear) are not counted twice
+            if not evt.name.startswith("aten::"):
+                continue
+            us = evt.self_cpu_time_total
+        by_name[evt.name] += us / 1e3
+        counts[evt.name] += 1
+    by_cat: Dict[str, float] = defaultdict(float)
+    for name, ms in by_name.items():
+        by_cat[category(name)] += ms
+    total = sum(by_name.values())
+    kernels = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return dict(method=method_name, wall_ms=wall_ms, kernel_ms=total,
+                categories={k: v for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+                top=[dict(name=n[:160], ms=ms, calls=counts[n], category=category(n)) for n, ms in kernels])
+
+
+def _timed_ms(fn, device: torch.device, repeats: int) -> float:
+    """Mean ms of fn() after 3 warm-up calls (CUDA events on a GPU, wall clock on the CPU)."""
+    for _ in range(3):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        _sync(device)
+        return start.elapsed_time(end) / repeats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / repeats
+
+
+def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.dtype,
+              repeats: int = 20) -> List[Dict[str, Any]]:
+    """Per projection shape: ms of dequantize_4bit, of the dense GEMM, and of both (needs bitsandbytes)."""
+    import bitsandbytes.functional as bnbF
+    from torch import nn
+
+    from benchmarks.methods_step import _quantize_linears
+
+    shape = get_model(shape_name)
+    d, f = shape.hidden_size, shape.intermediate_size
+    kv = d * shape.num_key_value_heads // shape.num_attention_heads
+    rows = []
+    for label, (inp, out) in (("q/o_proj", (d, d)), ("k/v_proj", (d, kv)), ("gate/up_proj", (d, f)),
+                              ("down_proj", (f, d))):
+        holder = nn.Module()
+        holder.proj = nn.Linear(inp, out, bias=False, device=device, dtype=dtype)
+        _quantize_linears(holder, device, dtype)  # the same NF4 layer the step benchmark builds
+        w4, qs = holder.proj.weight.data, holder.proj.weight.quant_state
+        x = torch.randn(tokens, inp, device=device, dtype=dtype)
+        w = bnbF.dequantize_4bit(w4, qs)
+        deq = _timed_ms(lambda: bnbF.dequantize_4bit(w4, qs), device, repeats)
+        mm = _timed_ms(lambda: x @ w.t(), device, repeats)
+        both = _timed_ms(lambda: x @ bnbF.dequantize_4bit(w4, qs).t(), device, repeats)
+        rows.append(dict(proj=label, in_features=inp, out_features=out, tokens=tokens, weight_dtype=str(w.dtype),
+                         dequant_ms=deq, gemm_ms=mm, dequant_then_gemm_ms=both,
+                         dequant_share=deq / both if both else None))
+        holder = w4 = qs = x = w = None  # free before the next projection
+        free_memory(device)
+    return rows
+
+
+def _size(text: str):
+    a, b = text.lower().split("x")
+    return int(a), int(b)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/profile_step.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(MODELS), help="model shape (default llama-3.1-8b on GPU, tiny on CPU)")
+    p.add_argument("--size", type=_size, default=(2, 2048), help="PAIRSxSEQ_LEN (default 2x2048)")
+    p.add_argument("--methods", nargs="+", default=["trl", "dpo_fast", "dpo_fast_all"], choices=sorted(STEP_REGISTRY))
+    p.add_argument("--top", type=int, default=15, help="kernels listed per method")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=os.path.join("bench_out", "profile"))
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    shape_name = args.shape or ("llama-3.1-8b" if on_gpu else "tiny")
+    if not on_gpu:
+        shape_name, args.size = "tiny", (min(args.size[0], 1), min(args.size[1], 64))
+        print("No CUDA GPU: profiling the tiny model on CPU (aten op times; NOT GPU numbers).")
+    dtype = default_dtype(device)
+    pairs, seq = args.size
+    report: Dict[str, Any] = dict(environment=environment(device), shape=shape_name, pairs=pairs, seq_len=seq,
+                                  command=" ".join([os.path.basename(sys.argv[0])] + list(argv or sys.argv[1:])),
+                                  methods=[], nf4=None)
+    model = build_model(get_model(shape_name), device, dtype)
+    batch = make_batch(get_model(shape_name).vocab_size, pairs, seq, device)
+    for name in args.methods:
+        reason = STEP_REGISTRY[name].unavailable(device)
+        if reason:
+            print(f"{name}: skipped ({reason})")
+            continue
+        try:
+            r = profile_method(model, name, batch, device, args.top)
+        except Exception as exc:  # report and go on: the other methods and the nf4 split still run
+            print(f"{name}: profiling failed: {type(exc).__name__}: {exc}")
+            report["methods"].append(dict(method=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
+        report["methods"].append(r)
+        print(f"\n== {shape_name} {pairs}x{seq} {name}: profiled step {r['wall_ms']:.1f} ms wall, "
+              f"{r['kernel_ms']:.1f} ms in {'GPU kernels' if on_gpu else 'CPU aten ops'}")
+        for cat, ms in r["categories"].items():
+            print(f"   {cat:18s} {ms:9.1f} ms  {100 * ms / max(r['kernel_ms'], 1e-9):5.1f}%")
+        for k in r["top"]:
+            print(f"     {k['ms']:9.2f} ms {k['calls']:6d}x  [{k['category']}] {k['name'][:110]}")
+    del model, batch
+    free_memory(device)
+    if on_gpu and bnb_has_cuda():
+        try:
+            report["nf4"] = nf4_split(shape_name, 2 * pairs * seq, device, dtype)
+        except Exception as exc:
+            print(f"nf4 split failed: {type(exc).__name__}: {exc}")
+            report["nf4"] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+    if isinstance(report["nf4"], list):
+        print(f"\nnf4 dequantize vs GEMM at {2 * pairs * seq} tokens ({shape_name}, bf16):")
+        for r in report["nf4"]:
+            print(f"   {r['proj']:13s} {r['in_features']:6d}->{r['out_features']:<6d} dequant {r['dequant_ms']:7.3f} ms"
+                  f"  gemm {r['gemm_ms']:7.3f} ms  both {r['dequant_then_gemm_ms']:7.3f} ms"
+                  f"  dequant share {100 * r['dequant_share']:5.1f}%")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "profile.json")
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/profile_step.py: the step profiler and the nf4 dequantize/GEMM split run end to end on the
+CPU (tiny model, aten op times) so the GPU session's profile phase cannot rot."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import profile_step
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*)", "nf4 dequantize"),
+    ("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", "gemm"),
+    ("_swiglu_fwd_kernel", "dpo_fast triton"),
+    ("_online_softmax_tile_kernel", "dpo_fast triton"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma", "attention"),
+    ("Memcpy HtoD (Pinned -> Device)", "copy / offload"),
+    ("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", "other"),
+])
+def test_kernel_categories(name, cat):
+    assert profile_step.category(name) == cat
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-in; on a GPU run the script itself")
+def test_profile_step_on_cpu_writes_a_breakdown(tmp_path, one_torch_thread):
+    assert profile_step.main(["--methods", "trl", "dpo_fast", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["shape"] == "tiny" and report["environment"]["device"]
+    assert [m["method"] for m in report["methods"]] == ["trl", "dpo_fast"]
+    for m in report["methods"]:
+        assert "error" not in m, m
+        assert m["wall_ms"] > 0 and m["kernel_ms"] > 0
+        assert sum(m["categories"].values()) == pytest.approx(m["kernel_ms"], rel=1e-6)
+        assert m["top"] and all(k["ms"] >= 0 and k["calls"] >= 1 for k in m["top"])
+        assert any(k["category"] == "gemm" for k in m["top"]), m["top"]  # the step's matmuls are seen
+
+
+def test_nf4_split_times_dequantize_and_gemm(one_torch_thread):
+    pytest.importorskip("bitsandbytes")
+    rows = profile_step.nf4_split("tiny", 32, torch.device("cpu"), torch.float32, repeats=2)
+    assert [r["proj"] for r in rows] == ["q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
+    for r in rows:
+        assert r["dequant_ms"] > 0 and r["gemm_ms"] > 0 and r["dequant_then_gemm_ms"] > 0
+        assert 0 < r["dequant_share"]
+        assert r["weight_dtype"] == "torch.float32"
