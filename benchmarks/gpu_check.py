@@ -531,6 +531,49 @@ def _f64_rows_reference(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, g: to
     return logp, grad
 
 
+def check_patched_model(rec: Recorder, dev: torch.device, quantize: bool, offload: bool) -> None:
+    """A whole patched model: the tiny benchmark Llama (NF4 body when `quantize`, LoRA on every projection,
+    gradient checkpointing on) gives the same loss and LoRA gradients with every body kernel patched in
+    (and, with `offload`, the layer inputs offloaded to pinned CPU memory) as unpatched. fp32."""
+    from benchmarks.methods_step import build_model
+    from benchmarks.models import get_model
+    from dpo_fast.ops.backend import use_backend
+    from dpo_fast.patching.body import patch_body, unpatch_body
+
+    shape = get_model("tiny")
+    name = f"patched model {'nf4' if quantize else 'fp32'} body, {'offloaded' if offload else 'plain'} checkpointing"
+    model = build_model(shape, dev, torch.float32, quantize=quantize, lora_r=8)
+    with torch.no_grad():  # peft starts B at 0, which would leave every A gradient 0
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.05)
+    ids = torch.randint(0, shape.vocab_size, (2, 37), device=dev)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, IGNORE))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: prm.grad.detach().clone() for n, prm in model.named_parameters()
+                               if prm.requires_grad}
+
+    want_loss, want = loss_and_grads()
+    counts = patch_body(model, offload_checkpointing=offload)
+    try:
+        layers = shape.num_hidden_layers
+        rec.record(f"{name}/modules patched", 0.0 if counts["qlora_linear"] == 7 * layers and counts["swiglu"] == layers
+                   and counts["offload_checkpointing"] == (layers if offload else 0) else math.inf, 0.0, str(counts))
+        with use_backend("triton"):
+            got_loss, got = loss_and_grads()
+    finally:
+        unpatch_body(model)
+    rec.compare(f"{name}/loss", got_loss.reshape(1), want_loss.reshape(1), FP32_TOL)
+    worst = max(rel_err(got[n], want[n]) for n in want) if got.keys() == want.keys() else math.inf
+    rec.record(f"{name}/LoRA grads (worst of {len(want)})", worst, FP32_TOL)
+
+
 def check_realistic_head(rec: Recorder, dev: torch.device) -> None:
     """The 8B head (bf16, frozen): triton backend vs the torch backend on the same GPU, and vs float64 on
     a sample of rows."""
@@ -644,6 +687,9 @@ def run_checks(rec: Recorder, dev: torch.device, sizes: Sizes) -> None:
                 rec.skip(f"lora_linear {kind} {_dtype_name(dtype)}", bnb_reason)
                 continue
             rec.run(f"lora_linear {kind} {_dtype_name(dtype)}", check_qlora, dev, *sizes.qlora, kind, dtype)
+    quantize = bnb_reason is None
+    for offload in (False, True):
+        rec.run(f"patched model offload={offload}", check_patched_model, dev, quantize, offload)
     if sizes.realistic:
         rec.run("realistic head correctness", check_realistic_head, dev)
 
