@@ -69,6 +69,9 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--device", default=d.device)
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--offload-checkpointing", action="store_true",
+                   help="gradient checkpointing with the saved layer inputs offloaded to pinned CPU memory "
+                        "(Unsloth-style; implies --gradient-checkpointing; less GPU memory at about the same speed)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="JSONL, JSON, Parquet, or a `datasets` dataset saved on disk")
@@ -130,7 +133,8 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         load_in_4bit=args.load_in_4bit, use_lora=not args.full_finetune, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=_csv_list(args.target_modules),
         adapter=args.adapter, patch=not args.no_patch, precision=args.precision, device=args.device,
-        gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing, offload_checkpointing=args.offload_checkpointing,
+        max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode,
         on_bad_row=args.on_bad_row, eval_fraction=args.eval_fraction,
         group_by_length=not args.no_group_by_length, lr=args.lr, optimizer=args.optimizer,

@@ -68,6 +68,9 @@ def test_parsing_maps_every_option():
     default = parse(["train", "--model", "m", "--data", "d", "--output", "o"])
     assert default.learning_rate == 5e-6 and default.loss_type == ["sigmoid"] and default.resume is False
     assert parse(["sft", "--model", "m", "--data", "d", "--output", "o", "--resume", "ck"]).resume == "ck"
+    assert not default.offload_checkpointing and not default.gradient_checkpointing
+    offload = parse(["train", "--model", "m", "--data", "d", "--output", "o", "--offload-checkpointing"])
+    assert offload.offload_checkpointing and offload.gradient_checkpointing
 
 
 @pytest.mark.parametrize("argv, needle", [

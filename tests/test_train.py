@@ -263,6 +263,32 @@ def test_load_in_4bit_trains_with_lora(tok, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in result.history) and result.steps == 2
 
 
+def test_offloaded_checkpointing_trains_the_same_as_plain(tok, tmp_path):
+    """offload_checkpointing=True (CLI --offload-checkpointing) patches offloaded checkpointing into every
+    decoder layer and gives the same losses and LoRA weights as plain gradient checkpointing."""
+    from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
+
+    seed, data = fresh_seed(), make_preference_dataset(48, seed=fresh_seed())
+    runs = {}
+    for offload in (False, True):
+        cfg = make_cfg(tok, tmp_path, name=f"offload{offload}", data=data, seed=seed, max_steps=3,
+                       gradient_checkpointing=True, offload_checkpointing=offload)
+        trainer = DPOFastTrainer(cfg, tokenizer=tok, log=lambda s: None).setup()
+        layers = trainer.loaded.model.base_model.model.model.layers
+        assert all(layer.gradient_checkpointing for layer in layers)
+        assert all((layer._gradient_checkpointing_func is offloaded_checkpoint) == offload for layer in layers)
+        result = trainer.train()
+        lora = {n: p.detach().clone() for n, p in trainer.loaded.model.named_parameters() if "lora_" in n}
+        runs[offload] = ([r["loss"] for r in result.history], lora)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5, abs=1e-6)
+    assert runs[True][1].keys() == runs[False][1].keys()
+    for n, w in runs[False][1].items():
+        assert torch.allclose(runs[True][1][n], w, rtol=1e-4, atol=1e-6), n
+    assert TrainConfig(offload_checkpointing=True).gradient_checkpointing  # implied
+    with pytest.raises(ValueError, match="offload_checkpointing"):
+        TrainConfig(offload_checkpointing=True, patch=False)
+
+
 # ------------------------------------------------------------------------------------ parts
 def test_checkpoint_roundtrip_restores_optimizer_scheduler_rng(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
