@@ -2,16 +2,17 @@
 # The single command a GPU-lent session runs on the device machine (see benchmarks/RESULTS.md, "GPU session").
 #
 #   bash scripts/gpu_session.sh [check] [tests] [step8b] [step8bcap] [profile] [step1b] [bench]
-#                                                (no argument: check, tests, bench, in that order)
+#                      (no argument: check step8b step8bcap profile step1b bench, in that order; about 8 min
+#                       on an H200 on 2026-11-27; "tests" is opt-in: gpu_check already compiles every kernel)
 #
 # 1. check: python3 -m benchmarks.gpu_check   every Triton kernel compiled on CUDA vs float64 on the CPU, then
 #                                             the Llama-3-8B head timed against TRL's chunked head and naive
 # 2. tests: the kernel test files, compiled on the GPU (conftest leaves TRITON_INTERPRET unset there)
 # step8b, step8bcap, step1b: benchmarks/step.py (issue 6) at the 8B shape uncapped and under a 16 GB cap,
-#           and group by group at the 1B shape; each writes $OUT/step_*/results.json
+#           and group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots)
 # 3. bench: python3 -m benchmarks --quick, one level at a time (head, step, fit), each writing its own
 #           results.json, so a level cut off by its timeout loses only itself
-# Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 540 = 9 min);
+# Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 570);
 # a failing phase does not stop the next. Everything is tee'd to $OUT/session.log; the exit code is 1 if
 # any phase failed or timed out.
 #
@@ -31,8 +32,8 @@
 # then give_back() unless rerunning at once (a machine stays warm 30 s after a call; starting a fresh one needs
 # >= 4 min of device time left). A rerun of one phase with less time, e.g. after fixing a kernel:
 #   run(command="GPU_SESSION_BUDGET=240 bash scripts/gpu_session.sh check", carry=[".whl"], timeout_s=300)
-# What comes back ($OUT, at most 8 files): session.log, gpu_check.json, bench_head/results.json,
-# bench_step/results.json, bench_fit/results.json, bench_plots.tgz.
+# What comes back ($OUT, at most 8 files): session.log, gpu_check.json, and step_8b.tgz, step_8b_cap16.tgz,
+# profile.tgz, step_1b.tgz, bench.tgz (each results.json + PNG plots; `tar xzf` them).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ OUT="${OUT:-bench_out/gpu_session}"
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 : > "$LOG"
-BUDGET="${GPU_SESSION_BUDGET:-540}"
+BUDGET="${GPU_SESSION_BUDGET:-570}"
 START=$(date +%s)
 FAILED=()
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -69,6 +70,17 @@ phase() {
   else
     say "OK $name"
   fi
+}
+
+# Phases write their results.json and plots under $STAGE/NAME; fold NAME packs that folder into
+# $OUT/NAME.tgz (again after each phase that adds to it), so at most 8 files come back from $OUT even when a
+# phase is cut off: session.log, gpu_check.json and one .tgz per phase group.
+STAGE="${GPU_SESSION_STAGE:-/tmp/gpu_session_stage}"
+rm -rf "$STAGE" && mkdir -p "$STAGE"
+fold() {
+  local name=$1
+  [[ -d "$STAGE/$name" ]] && tar czf "$OUT/$name.tgz" -C "$STAGE" "$name"
+  return 0
 }
 
 # ---- carried wheels, then the package itself (from the tree, no dependencies, nothing fetched)
@@ -105,7 +117,7 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 PHASES=("$@")
-(( ${#PHASES[@]} )) || PHASES=(check tests bench)
+(( ${#PHASES[@]} )) || PHASES=(check step8b step8bcap profile step1b bench)
 for p in "${PHASES[@]}"; do
   case "$p" in
     check)
@@ -117,33 +129,35 @@ for p in "${PHASES[@]}"; do
     step8b)
       # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens: step time and peak memory vs unpatched TRL
       phase step_8b "${STEP8B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.1-8b --step-sizes 2x2048 \
-        --methods trl dpo_fast_head dpo_fast dpo_fast_all --step-warmup 1 --step-repeats 2 --out "$OUT/step_8b" ;;
+        --methods trl dpo_fast_head dpo_fast dpo_fast_all --step-warmup 1 --step-repeats 2 --out "$STAGE/step_8b"
+      fold step_8b ;;
     step8bcap)
       # ... and whether that step fits a 16 GB cap (torch.cuda.set_per_process_memory_fraction)
       phase step_8b_cap16 "${STEP8BCAP_TIMEOUT:-150}" python3 benchmarks/step.py --shapes llama-3.1-8b \
         --step-sizes 2x2048 --cap-gb 16 --methods trl dpo_fast dpo_fast_all --step-warmup 1 --step-repeats 2 \
-        --out "$OUT/step_8b_cap16" ;;
+        --out "$STAGE/step_8b_cap16"
+      fold step_8b_cap16 ;;
     profile)
       # where the 8B step's GPU time goes (trl vs dpo_fast_all), and the nf4 dequantize share per projection
-      phase profile "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_step.py --out "$OUT/profile" ;;
+      phase profile "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_step.py --out "$STAGE/profile"
+      fold profile ;;
     step1b)
       # issue 6's group-by-group comparison at the 1B shape
       phase step_1b "${STEP1B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.2-1b \
-        --step-sizes 2x1024 2x2048 --step-warmup 1 --step-repeats 3 --out "$OUT/step_1b" ;;
+        --step-sizes 2x2048 --step-warmup 2 --step-repeats 7 --out "$STAGE/step_1b"
+      fold step_1b ;;
     bench)
-      phase bench_head "${BENCH_HEAD_TIMEOUT:-150}" python3 -m benchmarks --quick --level head --out "$OUT/bench_head"
-      phase bench_step "${BENCH_STEP_TIMEOUT:-150}" python3 -m benchmarks --quick --level step --out "$OUT/bench_step"
-      phase bench_fit "${BENCH_FIT_TIMEOUT:-200}" python3 -m benchmarks --quick --level fit --out "$OUT/bench_fit" ;;
+      phase bench_head "${BENCH_HEAD_TIMEOUT:-150}" python3 -m benchmarks --quick --level head --out "$STAGE/bench/head"
+      fold bench
+      phase bench_step "${BENCH_STEP_TIMEOUT:-150}" python3 -m benchmarks --quick --level step --out "$STAGE/bench/step"
+      fold bench
+      phase bench_fit "${BENCH_FIT_TIMEOUT:-200}" python3 -m benchmarks --quick --level fit --out "$STAGE/bench/fit"
+      fold bench ;;
     *)
       say "unknown phase '$p' (use check, tests, step8b, step8bcap, profile, step1b, bench)"; FAILED+=("$p(unknown)") ;;
   esac
 done
 
-# at most 8 files come back from $OUT: fold the plots into one archive
-PLOTS=$(cd "$OUT" && find . -name '*.png' | sort)
-if [[ -n "$PLOTS" ]]; then
-  (cd "$OUT" && tar czf bench_plots.tgz $PLOTS && rm -f $PLOTS)
-fi
 say "files in $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
 if (( ${#FAILED[@]} )); then
   say "DONE with problems: ${FAILED[*]}"
