@@ -128,3 +128,23 @@ def test_gpu_session_script_runs_and_reports_a_bad_phase(tmp_path):
     assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert "unknown phase 'no-such-phase'" in log and "DONE with problems" in log
     assert "torch          " + torch.__version__ in log  # the environment block ran
+
+
+def test_gpu_session_phase_comes_back_as_one_archive(tmp_path):
+    """A step phase of scripts/gpu_session.sh (tiny CPU shapes here) leaves only session.log and its .tgz in $OUT
+    (at most 8 files come back from the device), and the archive holds the run's results.json and plot."""
+    import tarfile
+
+    script = os.path.join(ROOT, "scripts", "gpu_session.sh")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_SESSION_BUDGET="300", GPU_SESSION_NO_WHEELS="1",
+               GPU_SESSION_STAGE=str(tmp_path / "stage"))
+    proc = subprocess.run(["bash", script, "step8bcap"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert sorted(p.name for p in out.iterdir()) == ["session.log", "step_8b_cap16.tgz"]
+    with tarfile.open(out / "step_8b_cap16.tgz") as tar:
+        names = tar.getnames()
+        assert "step_8b_cap16/results.json" in names and any(n.endswith(".png") for n in names)
+        results = json.load(tar.extractfile("step_8b_cap16/results.json"))
+    assert results["settings"]["cap_gb"] == 16.0 and results["cells"]
