@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -130,7 +130,7 @@ def plot_headline(rows: Sequence[dict], out_path: str, *, title: str,
     return out_path
 
 
-def headline_main(argv: Sequence[str] = None) -> int:
+def headline_main(argv: Optional[Sequence[str]] = None) -> int:
     """python -m benchmarks.plots RESULTS_JSON OUT_PNG [--case CASE]: the headline figure of a step run."""
     import argparse
     import json

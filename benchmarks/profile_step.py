@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from benchmarks.common import environment, free_memory, resolve_device  # noqa: E402
 from benchmarks.methods_step import STEP_REGISTRY, bnb_has_cuda, build_model, make_batch  # noqa: E402
 from benchmarks.models import MODELS, default_dtype, get_model  # noqa: E402
+from benchmarks.suite import parse_size  # noqa: E402
 
 #: kernel-name fragments per category, first match wins (lower-case)
 CATEGORIES = (
@@ -148,15 +149,10 @@ def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.d
     return rows
 
 
-def _size(text: str):
-    a, b = text.lower().split("x")
-    return int(a), int(b)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/profile_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(MODELS), help="model shape (default llama-3.1-8b on GPU, tiny on CPU)")
-    p.add_argument("--size", type=_size, default=(2, 2048), help="PAIRSxSEQ_LEN (default 2x2048)")
+    p.add_argument("--size", type=parse_size, default=(2, 2048), help="PAIRSxSEQ_LEN (default 2x2048)")
     p.add_argument("--methods", nargs="+", default=["trl", "dpo_fast", "dpo_fast_all"], choices=sorted(STEP_REGISTRY))
     p.add_argument("--top", type=int, default=15, help="kernels listed per method")
     p.add_argument("--device", default="auto")

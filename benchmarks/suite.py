@@ -53,7 +53,8 @@ CPU_FULL = dict(CPU_QUICK, modes=["frozen", "trainable"], tokens=[128, 512, 2048
                 warmup=2, repeats=5)
 
 
-def _size(text: str) -> tuple:
+def parse_size(text: str) -> tuple:
+    """argparse type for PAIRSxSEQ_LEN, e.g. '4x2048' -> (4, 2048)."""
     try:
         a, b = text.lower().split("x")
         return int(a), int(b)
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", choices=["logps", "dpo"], help="head: linear_log_probs and/or DPO head")
     p.add_argument("--modes", nargs="+", choices=["frozen", "trainable"], help="head: lm_head weight frozen/trainable")
     p.add_argument("--tokens", nargs="+", type=int, help="head logps: numbers of scored tokens")
-    p.add_argument("--pairs-seq", nargs="+", type=_size, help="head dpo: PAIRSxSEQ_LEN sizes, e.g. 4x2048")
-    p.add_argument("--step-sizes", nargs="+", type=_size, help="step: PAIRSxSEQ_LEN sizes, e.g. 2x1024")
+    p.add_argument("--pairs-seq", nargs="+", type=parse_size, help="head dpo: PAIRSxSEQ_LEN sizes, e.g. 4x2048")
+    p.add_argument("--step-sizes", nargs="+", type=parse_size, help="step: PAIRSxSEQ_LEN sizes, e.g. 2x1024")
     p.add_argument("--fit-model", choices=sorted(MODELS), help="fit: the model")
     p.add_argument("--caps", nargs="+", type=float, help="fit: memory caps in GB (on CPU: simulated, tiny)")
     p.add_argument("--fit-what", choices=["seq_len", "pairs", "both"], help="fit: what to search")
