@@ -31,7 +31,7 @@ CPU_NOTICE = ("No CUDA GPU: running tiny shapes on CPU to exercise the suite. Th
 GPU_QUICK = dict(
     head_models=["llama-3.1-8b"], kinds=["logps", "dpo"], modes=["frozen"], tokens=[2048, 8192],
     pairs_seq=[(4, 2048)], step_models=["llama-3.2-1b"], step_sizes=[(2, 1024)], fit_model="llama-3.2-1b",
-    caps=[16.0], fit_what="seq_len", fit_methods=["naive", "trl", "dpo_fast"], max_seq_len=16384, max_pairs=32,
+    caps=[16.0], fit_what="seq_len", fit_methods=["naive", "trl", "dpo_fast"], max_seq_len=32768, max_pairs=32,
     batch_seq_len=1024, warmup=3, repeats=10, step_warmup=2, step_repeats=5,
 )
 GPU_FULL = dict(
