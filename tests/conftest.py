@@ -45,3 +45,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The demo task's word-level tokenizer (built from the package's vocabulary, no download)."""
+    from dpo_fast.demo_task import demo_tokenizer
+
+    return demo_tokenizer()

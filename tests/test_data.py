@@ -23,11 +23,6 @@ def _seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
-
-
 def _write(path, rows, fmt):
     """Write `rows` to `path` in `fmt`; returns the source to load."""
     if fmt == "jsonl":

@@ -22,11 +22,6 @@ def _seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
-
-
 def _reference_answer(prompt: str) -> list[str]:
     """Independent statement of the rules, straight from the prompt text."""
     words = prompt.split()

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from dpo_fast.demo_task import demo_tokenizer, make_preference_dataset, tiny_llama_config
+from dpo_fast.demo_task import make_preference_dataset, tiny_llama_config
 from dpo_fast.train import DPOFastTrainer, TrainConfig, train
 from dpo_fast.train import checkpoint as ckpt
 from dpo_fast.train import ref_cache
@@ -22,11 +22,6 @@ TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
 
 
 def tiny_config(tok, **overrides):
