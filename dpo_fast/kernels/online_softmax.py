@@ -7,7 +7,9 @@ falls in this chunk, and optionally:
 
 * writes ``P = exp(z - m_new)`` with the label column zeroed, plus ``alpha = exp(m_old - m_new)``,
   so the caller can accumulate the expected embedding ``E <- alpha * E + P @ W_chunk`` in fp32
-  (the one-pass frozen-weight backward of DESIGN.md section 2);
+  (the one-pass frozen-weight backward of DESIGN.md section 2), and keeps the running sum of P,
+  ``s_excl``: ``1 - p_label = s_excl / s`` without the cancellation of ``1 - exp(logp)`` on
+  confident tokens;
 * accumulates per-token statistics for metrics in the same pass: ``sum exp(z-m) * z`` (entropy),
   ``sum z`` (mean logit), the running argmax, and ``sum exp(2(z-m))`` (log sum p^2 for WPO).
 """
@@ -25,7 +27,7 @@ def _online_softmax_tile_kernel(
     z_ptr, z_stride,
     labels_ptr,
     m_ptr, s_ptr, label_logit_ptr,
-    p_ptr, p_stride, alpha_ptr,
+    p_ptr, p_stride, alpha_ptr, sx_ptr,
     sez_ptr, sz_ptr, amax_ptr, se2_ptr,
     v0, n_cols,
     WRITE_P: tl.constexpr,
@@ -56,6 +58,7 @@ def _online_softmax_tile_kernel(
 
     # Pass 2: exponentials, sums, optional P and statistics.
     acc_s = tl.zeros((BLOCK_V,), tl.float32)
+    acc_sx = tl.zeros((BLOCK_V,), tl.float32)
     acc_ez = tl.zeros((BLOCK_V,), tl.float32)
     acc_z = tl.zeros((BLOCK_V,), tl.float32)
     acc_e2 = tl.zeros((BLOCK_V,), tl.float32)
@@ -67,6 +70,7 @@ def _online_softmax_tile_kernel(
         acc_s += e
         if WRITE_P:
             p = tl.where(cols == local_label, 0.0, e)
+            acc_sx += p
             tl.store(p_ptr + row * p_stride + cols, p.to(p_ptr.dtype.element_ty), mask=valid)
         if STATS:
             z0 = tl.where(valid, z, 0.0)
@@ -79,6 +83,7 @@ def _online_softmax_tile_kernel(
     tl.store(s_ptr + row, s_new)
     if WRITE_P:
         tl.store(alpha_ptr + row, alpha)
+        tl.store(sx_ptr + row, tl.load(sx_ptr + row) * alpha + tl.sum(acc_sx, 0))
 
     in_tile = (local_label >= 0) & (local_label < n_cols)
     safe_label = tl.where(in_tile, local_label, 0)
@@ -104,11 +109,13 @@ def online_softmax_tile(
     p_out: Optional[torch.Tensor] = None,
     alpha_out: Optional[torch.Tensor] = None,
     stats: Optional[dict] = None,
+    s_excl: Optional[torch.Tensor] = None,
 ) -> None:
-    """Update the running (m, s, label_logit[, stats]) with tile ``z`` in place.
+    """Update the running (m, s, label_logit[, s_excl][, stats]) with tile ``z`` in place.
 
     z: [n, c] fp32 logits of vocabulary ids [v0, v0 + c); labels: [n] int64 global ids.
-    p_out ([n, c], any float dtype) and alpha_out ([n] fp32) are written when given.
+    p_out ([n, c], any float dtype) and alpha_out ([n] fp32) are written when given; then s_excl
+    ([n] fp32, the running sum of exp(z - m) over the non-label columns) is updated too.
     stats, when given, holds fp32 'sum_ez', 'sum_z', 'sum_e2' and int64 'argmax' tensors of [n].
     """
     n, c = z.shape
@@ -117,7 +124,7 @@ def online_softmax_tile(
     assert z.dtype == torch.float32 and z.stride(1) == 1
     write_p = p_out is not None
     if write_p:
-        assert alpha_out is not None and p_out.stride(1) == 1
+        assert alpha_out is not None and s_excl is not None and p_out.stride(1) == 1
     dummy = m
     block_v = min(triton.next_power_of_2(c), 4096 if z.is_cuda else 256)
     _online_softmax_tile_kernel[(n,)](
@@ -125,6 +132,7 @@ def online_softmax_tile(
         labels,
         m, s, label_logit,
         p_out if write_p else dummy, p_out.stride(0) if write_p else 0, alpha_out if write_p else dummy,
+        s_excl if write_p else dummy,
         stats["sum_ez"] if stats else dummy, stats["sum_z"] if stats else dummy,
         stats["argmax"] if stats else labels, stats["sum_e2"] if stats else dummy,
         v0, c,

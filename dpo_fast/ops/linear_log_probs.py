@@ -78,7 +78,11 @@ def _forward_sweep(
     want_stats: bool,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
-    """One pass over the vocabulary: (label logit, lse, E_excl or None, raw stats or None)."""
+    """One pass over the vocabulary: (label logit, lse, E_excl or None, 1 - p_label or None, raw stats or None).
+
+    With `want_e`, 1 - p_label comes as (sum of the non-label exponentials) / (sum of all): accurate
+    on confident tokens, where 1 - exp(logp) would cancel.
+    """
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -86,6 +90,7 @@ def _forward_sweep(
     label_logit = torch.zeros(n, **f32)
     lse = torch.empty(n, **f32)
     e_excl = torch.empty(n, d, **f32) if want_e else None
+    q_excl = torch.empty(n, **f32) if want_e else None
     stats = None
     if want_stats:
         stats = {k: torch.zeros(n, **f32) for k in ("sum_ez", "sum_z", "sum_e2")}
@@ -100,22 +105,24 @@ def _forward_sweep(
         st = {k: x[t0:t1] for k, x in stats.items()} if stats is not None else None
         e = e_excl[t0:t1].zero_() if want_e else None
         alpha = torch.empty(t1 - t0, **f32) if want_e else None
+        s_excl = q_excl[t0:t1].zero_() if want_e else None
         for v0 in range(0, v, tv):
             v1 = min(v, v0 + tv)
             w = weight[v0:v1]
             z = _logits_tile(h, w, bias[v0:v1] if bias is not None else None)
             p = torch.empty(z.shape, device=dev, dtype=_tile_dtype(weight)) if want_e else None
-            online_softmax_tile(backend, z, lab, v0, m, s, label_logit[t0:t1], p, alpha, st)
+            online_softmax_tile(backend, z, lab, v0, m, s, label_logit[t0:t1], p, alpha, st, s_excl)
             if want_e:
                 addmm_f32_(e.mul_(alpha[:, None]), p, w)
         lse[t0:t1] = m + torch.log(s)
         if want_e:
             e.div_(s[:, None])
+            s_excl.div_(s)
         if st is not None:
             # turn raw sums into statistics; sum_ez / s = E_p[z], sum_e2 / s^2 = sum p^2
             st["sum_ez"].div_(s)
             st["sum_e2"].div_(s * s)
-    return label_logit, lse, e_excl, stats
+    return label_logit, lse, e_excl, q_excl, stats
 
 
 def _backward_recompute(
@@ -176,14 +183,14 @@ class _LinearLogProbs(torch.autograd.Function):
         want_e = grad_mode == "expected"
         trainable_head = grad_mode == "recompute"
         with _no_autocast(hidden):
-            label_logit, lse, e_excl, stats = _forward_sweep(hidden, weight, bias, labels, want_e, want_stats, backend)
+            label_logit, lse, e_excl, q_excl, stats = _forward_sweep(hidden, weight, bias, labels, want_e, want_stats,
+                                                                     backend)
         logp = label_logit - lse
         ctx.backend = backend
         ctx.trainable_head = trainable_head
         ctx.has_bias = bias is not None
         if want_e:
-            p_label = torch.exp(logp)
-            ctx.save_for_backward(weight, labels, p_label, e_excl)
+            ctx.save_for_backward(weight, labels, q_excl, e_excl)
         elif trainable_head:
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         outs = [logp]
@@ -203,9 +210,9 @@ class _LinearLogProbs(torch.autograd.Function):
         if not ctx.trainable_head:
             if not need_h:
                 return None, None, None, None, None, None, None
-            weight, labels, p_label, e_excl = ctx.saved_tensors
+            weight, labels, q_excl, e_excl = ctx.saved_tensors  # q_excl = 1 - p_label
             w_y = weight.index_select(0, labels).float()
-            grad_h = grad_logp[:, None] * ((1.0 - p_label)[:, None] * w_y - e_excl)
+            grad_h = grad_logp[:, None] * (q_excl[:, None] * w_y - e_excl)
             return grad_h.to(weight.dtype), None, None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         with _no_autocast(hidden):

@@ -67,12 +67,16 @@ def online_softmax_tile(
     p_out: Optional[torch.Tensor] = None,
     alpha_out: Optional[torch.Tensor] = None,
     stats: Optional[dict] = None,
+    s_excl: Optional[torch.Tensor] = None,
 ) -> None:
-    """In-place online-softmax update with tile z = logits of ids [v0, v0 + z.shape[1])."""
+    """In-place online-softmax update with tile z = logits of ids [v0, v0 + z.shape[1]).
+
+    With p_out: also alpha_out and s_excl, the running sum of exp(z - m) without the label column.
+    """
     if backend == "triton":
         from dpo_fast.kernels.online_softmax import online_softmax_tile as kernel
 
-        kernel(z, labels, v0, m, s, label_logit, p_out, alpha_out, stats)
+        kernel(z, labels, v0, m, s, label_logit, p_out, alpha_out, stats, s_excl)
         return
     n, c = z.shape
     if n == 0:
@@ -97,6 +101,7 @@ def online_softmax_tile(
     m.copy_(m_new)
     if p_out is not None:
         e.scatter_(1, safe[:, None], torch.where(in_tile[:, None], 0.0, e.gather(1, safe[:, None])))
+        s_excl.mul_(alpha).add_(e.sum(1))
         p_out.copy_(e)
         alpha_out.copy_(alpha)
 
