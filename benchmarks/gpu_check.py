@@ -574,6 +574,75 @@ def check_patched_model(rec: Recorder, dev: torch.device, quantize: bool, offloa
     rec.record(f"{name}/LoRA grads (worst of {len(want)})", worst, FP32_TOL)
 
 
+def _preference_batch(vocab: int, dev: torch.device, prompts: Sequence[int], chosen: Sequence[int],
+                      rejected: Sequence[int], length: int) -> Dict[str, torch.Tensor]:
+    """A right-padded TRL-layout batch; pair i shares prompts[i] tokens, then has its own completions."""
+    b = len(prompts)
+    ids = torch.randint(0, vocab, (2 * b, length), device=dev)
+    am, cm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        ids[b + i, :p] = ids[i, :p]
+        ids[b + i, p] = (ids[i, p] + 1) % vocab
+        am[i, :p + c], am[b + i, :p + r] = 1, 1
+        cm[i, p:p + c], cm[b + i, p:p + r] = 1, 1
+    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+
+
+def check_prefix_sharing(rec: Recorder, dev: torch.device, quantize: bool, dtype: torch.dtype) -> None:
+    """Prefix sharing (packed [prompt | chosen | rejected] rows, two causal SDPA calls per layer) against
+    TRL's two-row layout: the tiny benchmark Llama with every body kernel patched, checkpointing on.
+
+    fp32 (NF4 body when `quantize`): same loss and LoRA gradients as unshared, to FP32_TOL. bf16 (flash
+    attention on a GPU; a bf16 copy of an fp32 model): the shared path's error against the fp32 model is
+    at most 1.5x the unshared bf16 path's, plus BF16_TOL."""
+    import copy
+
+    import dpo_fast
+    from dpo_fast.dpo import compute_dpo_loss
+
+    from benchmarks.methods_step import build_model
+    from benchmarks.models import get_model
+
+    shape = get_model("tiny")
+    name = f"prefix sharing {'nf4' if quantize else 'plain'} {_dtype_name(dtype)}"
+
+    model = build_model(shape, dev, torch.float32, quantize=quantize, lora_r=8)
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.05)
+    batch = _preference_batch(shape.vocab_size, dev, [9, 0, 23], [30, 17, 4], [12, 41, 20], 64)
+
+    def run(net, **kw):
+        net.zero_grad(set_to_none=True)
+        loss, _ = compute_dpo_loss(net, batch, **kw)
+        loss.backward()
+        return loss.detach().float().reshape(1), {n: prm.grad.detach().float().clone()
+                                                  for n, prm in net.named_parameters() if prm.requires_grad}
+
+    fp32_loss, fp32_grads = run(model)
+    net = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    dpo_fast.patch(net, prefix_sharing=True)
+    try:
+        unshared = run(net, prefix_sharing=False)
+        shared = run(net)
+    finally:
+        dpo_fast.unpatch(net)
+
+    def worst(grads):
+        return max(rel_err(grads[n], fp32_grads[n]) for n in fp32_grads) if grads.keys() == fp32_grads.keys() \
+            else math.inf
+
+    if dtype == torch.float32:
+        rec.compare(f"{name}/loss vs unshared", shared[0], unshared[0], FP32_TOL)
+        grads = max(rel_err(shared[1][n], unshared[1][n]) for n in unshared[1])
+        rec.record(f"{name}/LoRA grads vs unshared (worst of {len(unshared[1])})", grads, FP32_TOL)
+    else:
+        rec.record(f"{name}/loss vs fp32", rel_err(shared[0], fp32_loss), BF16_TOL)
+        rec.record(f"{name}/LoRA grads vs fp32 (worst)", worst(shared[1]), 1.5 * worst(unshared[1]) + BF16_TOL,
+                   f"unshared bf16: {worst(unshared[1]):.3g}")
+
+
 def check_realistic_head(rec: Recorder, dev: torch.device) -> None:
     """The 8B head (bf16, frozen): triton backend vs the torch backend on the same GPU, and vs float64 on
     a sample of rows."""
@@ -690,6 +759,8 @@ def run_checks(rec: Recorder, dev: torch.device, sizes: Sizes) -> None:
     quantize = bnb_reason is None
     for offload in (False, True):
         rec.run(f"patched model offload={offload}", check_patched_model, dev, quantize, offload)
+    rec.run("prefix sharing fp32", check_prefix_sharing, dev, quantize, torch.float32)
+    rec.run("prefix sharing bf16", check_prefix_sharing, dev, False, torch.bfloat16)
     if sizes.realistic:
         rec.run("realistic head correctness", check_realistic_head, dev)
 

@@ -16,10 +16,13 @@ Methods, each only if importable:
   cce           backbone hidden states + Cut Cross-Entropy per-token NLL summed per sequence
   dpo_fast      dpo_fast.patch(model) (head + body kernels, patch()'s defaults) + dpo_fast.compute_dpo_loss
   dpo_fast_head dpo_fast.patch(model, body=False): the fused head only
-  dpo_fast_rms_norm, dpo_fast_rope, dpo_fast_swiglu, dpo_fast_qlora_linear, dpo_fast_offload
+  dpo_fast_rms_norm, dpo_fast_rope, dpo_fast_swiglu, dpo_fast_qlora_linear, dpo_fast_offload,
+  dpo_fast_prefix_sharing
                 the fused head plus ONE group of body kernels (patch(model, <group>=True, others False);
-                dpo_fast_offload = offloaded gradient checkpointing only): what each group buys on its own
-  dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing
+                dpo_fast_offload = offloaded gradient checkpointing only; dpo_fast_prefix_sharing = each
+                pair as one row [prompt | chosen | rejected] only): what each group buys on its own
+  dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing + prefix sharing
+  dpo_fast_all_unshared  dpo_fast_all without prefix sharing
   dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)
 
 Issue 6's comparison (`benchmarks/step.py` by default, `BODY_STEP_METHODS`): the unpatched baselines
@@ -139,11 +142,17 @@ def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, *, 
     return model
 
 
-def make_batch(vocab: int, pairs: int, seq_len: int, device: torch.device, *, prompt_fraction: float = 0.25
-               ) -> Dict[str, torch.Tensor]:
+#: The prompt's share of each row in the benchmark batches (prefix sharing saves half of it).
+PROMPT_FRACTION = 0.25
+
+
+def make_batch(vocab: int, pairs: int, seq_len: int, device: torch.device, *,
+               prompt_fraction: float = PROMPT_FRACTION) -> Dict[str, torch.Tensor]:
     """TRL preference-collator layout: [chosen; rejected] rows sharing a prompt, completion_mask 1 after it."""
     if pairs < 1 or seq_len < 4:
         raise ValueError(f"pairs must be >= 1 and seq_len >= 4, got {pairs}, {seq_len}")
+    if not 0.0 <= prompt_fraction < 1.0:
+        raise ValueError(f"prompt_fraction must be in [0, 1), got {prompt_fraction}")
     prompt = max(1, int(seq_len * prompt_fraction))
     ids = torch.randint(0, vocab, (2 * pairs, seq_len), device=device)
     ids[pairs:, :prompt] = ids[:pairs, :prompt]
@@ -314,8 +323,9 @@ def _dpo_fast_patch(body: bool, **body_options: bool):
 
 #: One body group per method: (method name, patch() switch). Each runs with the fused head and only it.
 BODY_GROUPS = (("dpo_fast_rms_norm", "rms_norm"), ("dpo_fast_rope", "rope"), ("dpo_fast_swiglu", "swiglu"),
-               ("dpo_fast_qlora_linear", "qlora_linear"), ("dpo_fast_offload", "offload_checkpointing"))
-_ALL_BODY_SWITCHES = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing")
+               ("dpo_fast_qlora_linear", "qlora_linear"), ("dpo_fast_offload", "offload_checkpointing"),
+               ("dpo_fast_prefix_sharing", "prefix_sharing"))
+_ALL_BODY_SWITCHES = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing")
 
 
 def _only(switch: str) -> Dict[str, bool]:
@@ -363,7 +373,11 @@ for _m in (
       for _name, _switch in BODY_GROUPS),
     StepMethod("dpo_fast_all", _needs("dpo_fast.dpo", "dpo_fast.patching"),
                _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
-               "fused head + every body kernel + offloaded checkpointing",
+               "fused head + every body kernel + offloaded checkpointing + prefix sharing",
+               {"body": "all + offload_checkpointing + prefix_sharing", "ref": "on the fly"}),
+    StepMethod("dpo_fast_all_unshared", _needs("dpo_fast.dpo", "dpo_fast.patching"),
+               _dpo_fast_patch(True, **{k: k != "prefix_sharing" for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
+               "dpo_fast_all without prefix sharing (what dpo_fast_all was before prefix sharing)",
                {"body": "all + offload_checkpointing", "ref": "on the fly"}),
 ):
     register(_m)
@@ -409,12 +423,13 @@ def run_one(model: nn.Module, method: StepMethod, batch: Dict[str, torch.Tensor]
 def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch.dtype, *,
              methods: Optional[Sequence[str]] = None, warmup: int = 2, repeats: int = 5,
              quantize: Optional[bool] = None, cap_gb: Optional[float] = None,
-             log: Callable[[str], None] = print) -> List[Cell]:
+             prompt_fraction: float = PROMPT_FRACTION, log: Callable[[str], None] = print) -> List[Cell]:
     """Measure every (case, method) on one shared model per shape.
 
     cap_gb: run every cell under this memory cap (GPU: torch.cuda.set_per_process_memory_fraction, so
     the model's weights count; CPU: simulated on the step's own allocations); a cell that runs "fits",
     one that runs out of memory is an "OOM" cell. The model is built before the cap is set.
+    prompt_fraction: the prompt's share of each row (what prefix sharing computes once instead of twice).
     """
     if cap_gb is not None and not (cap_gb > 0 and math.isfinite(cap_gb)):
         raise ValueError(f"cap_gb must be a positive number of GB, got {cap_gb}")
@@ -448,7 +463,8 @@ def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch
                                       note=f"model build: {type(build_error).__name__}: {str(build_error)[:120]}"))
                     continue
                 params = dict(case, quantized_4bit=quantized, dtype=str(dtype).replace("torch.", ""),
-                              lora_r=16, gradient_checkpointing=True, cap_gb=cap_gb, **method.options)
+                              lora_r=16, gradient_checkpointing=True, cap_gb=cap_gb,
+                              prompt_fraction=prompt_fraction, **method.options)
                 cell = _measure_cell(model, method, shape, case, label, tokens, device, params, warmup, repeats,
                                      cap_gb)
                 log(f"  step {label:40s} {name:26s} {cell.status:7s} "
@@ -468,7 +484,8 @@ def _measure_cell(model: nn.Module, method: StepMethod, shape: ModelShape, case:
     try:
         cap = memory_cap(device, int(cap_gb * (1 << 30))) if cap_gb is not None else contextlib.nullcontext()
         with cap:
-            batch = make_batch(shape.vocab_size, case["pairs"], case["seq_len"], device)
+            batch = make_batch(shape.vocab_size, case["pairs"], case["seq_len"], device,
+                               prompt_fraction=params.get("prompt_fraction", PROMPT_FRACTION))
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
             with method.install(model) as info:
                 if isinstance(info, dict):

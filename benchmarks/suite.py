@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-warmup", type=int, help="step: warm-up steps before timing (>= 1 on a GPU: the first "
                    "step compiles and autotunes the Triton kernels)")
     p.add_argument("--step-repeats", type=int, help="step: timed steps (the median is reported)")
+    p.add_argument("--prompt-fraction", type=float, default=None,
+                   help="step: the prompt's share of each row of the random batch (default 0.25); prefix sharing "
+                        "computes it once per pair")
     p.add_argument("--cap-gb", type=float, metavar="GB",
                    help="step: run every step cell under this memory cap and report fits / OOM per method (GPU: "
                         "torch.cuda.set_per_process_memory_fraction, model weights included, the CUDA context "
@@ -97,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--out", default="bench_out", help="directory for results.json and the PNG plots")
     return p
+
+
+def _prompt_fraction(value: Optional[float]) -> float:
+    """--prompt-fraction, checked (default: benchmarks.methods_step.PROMPT_FRACTION)."""
+    from benchmarks.methods_step import PROMPT_FRACTION
+
+    if value is None:
+        return PROMPT_FRACTION
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"--prompt-fraction must be in [0, 1), got {value}")
+    return value
 
 
 def _settings(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
@@ -131,6 +145,7 @@ def _settings(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         if args.cap_gb > total_gb:
             raise ValueError(f"--cap-gb {args.cap_gb:g} exceeds this GPU's {total_gb:.1f} GB")
     s["cap_gb"] = args.cap_gb
+    s["prompt_fraction"] = _prompt_fraction(args.prompt_fraction)
     if s["step_warmup"] < 0:
         raise ValueError("--step-warmup must be >= 0")
     for key in ("tokens", "max_seq_len", "max_pairs", "batch_seq_len", "repeats", "step_repeats"):
@@ -195,7 +210,8 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device, log) -
         cases = methods_step.step_cases(settings["step_models"], settings["step_sizes"])
         cells += methods_step.run_step(cases, device, dtype, methods=args.methods, warmup=settings["step_warmup"],
                                        repeats=settings["step_repeats"], quantize=quantize,
-                                       cap_gb=settings["cap_gb"], log=log)
+                                       cap_gb=settings["cap_gb"], prompt_fraction=settings["prompt_fraction"],
+                                       log=log)
         step_rows = methods_step.vs_baseline(cells)
         timings["step"] = time.perf_counter() - t0
     if "fit" in settings["levels"]:

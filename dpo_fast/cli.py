@@ -72,6 +72,9 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--offload-checkpointing", action="store_true",
                    help="gradient checkpointing with the saved layer inputs offloaded to pinned CPU memory "
                         "(Unsloth-style; implies --gradient-checkpointing; less GPU memory at about the same speed)")
+    g.add_argument("--prefix-sharing", action="store_true",
+                   help="run each pair as one row [prompt | chosen | rejected] so the prompt is computed once "
+                        "(same loss; fewer tokens, the more so the longer the prompts)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="JSONL, JSON, Parquet, or a `datasets` dataset saved on disk")
@@ -134,6 +137,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=_csv_list(args.target_modules),
         adapter=args.adapter, patch=not args.no_patch, precision=args.precision, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, offload_checkpointing=args.offload_checkpointing,
+        prefix_sharing=getattr(args, "prefix_sharing", False),
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode,
         on_bad_row=args.on_bad_row, eval_fraction=args.eval_fraction,

@@ -71,27 +71,63 @@ def token_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def sequence_logps(model: nn.Module, batch: Mapping[str, Any], *, average_log_prob: bool = False,
-                   ld_alpha: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   ld_alpha: Optional[float] = None, prefix_sharing: Optional[bool] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected sequence log-probs [B], [B] of a preference batch under `model`.
 
     The same reduction `compute_dpo_loss` uses (completion tokens only, next-token alignment), for
     callers that need the numbers alone: precomputing reference log-probs, evaluation.
+    `prefix_sharing` as in `compute_dpo_loss`.
     """
     from dpo_fast.losses import reduce_sequence_logps
+    from dpo_fast.patching.head import head_log_probs
 
     input_ids, attention_mask, completion_mask = _validate_batch(batch)
     labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
-    per_token = token_log_probs(model, input_ids, attention_mask, labels)
+    packed = _pack(input_ids, attention_mask, completion_mask, _prefix_sharing(model, prefix_sharing))
+    if packed is None:
+        per_token = token_log_probs(model, input_ids, attention_mask, labels)
+    else:
+        hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, packed)
+        per_token = head_log_probs(hidden, weight, bias, labels[:, 1:])["log_probs"]
     chosen, rejected, _, _ = reduce_sequence_logps(per_token, completion_mask[:, 1:].to(torch.bool),
                                                    average=average_log_prob, ld_alpha=ld_alpha)
     return chosen, rejected
 
 
-def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Last hidden states [R, T-1, d] (position t predicts token t+1) and the lm_head's weight and bias."""
+def _prefix_sharing(model: nn.Module, requested: Optional[bool]) -> bool:
+    """Whether to pack pairs: `requested`, or (None) whether `model` was patched with prefix_sharing=True."""
+    from dpo_fast.patching.body import prefix_sharing_enabled
+
+    enabled = prefix_sharing_enabled(model)
+    if requested and not enabled:
+        raise ValueError("prefix_sharing=True needs a model patched with dpo_fast.patch(model, prefix_sharing=True)")
+    return enabled if requested is None else bool(requested)
+
+
+def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     packed: Optional[Any] = None):
+    """Last hidden states [R, T-1, d] (position t predicts token t+1) and the lm_head's weight and bias.
+
+    With `packed` (a `dpo_fast.prefix_sharing.PackedPairs` of this batch) the backbone runs on the
+    packed rows; the hidden states come back in the unshared layout.
+    """
     causal_lm, _ = check_supported(model)
-    hidden, head = backbone_hidden(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
+    if packed is None:
+        hidden, head = backbone_hidden(causal_lm, input_ids=input_ids, attention_mask=attention_mask)
+    else:
+        from dpo_fast.prefix_sharing import shared_prefix_hidden
+
+        hidden, head = shared_prefix_hidden(causal_lm, packed)
     return hidden[:, :-1], head.weight, head.bias
+
+
+def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, share: bool):
+    if not share:
+        return None
+    from dpo_fast.prefix_sharing import pack_pairs
+
+    return pack_pairs(input_ids, attention_mask, completion_mask)
 
 
 def compute_dpo_loss(
@@ -104,6 +140,7 @@ def compute_dpo_loss(
     loss_type: Any = "sigmoid",
     average_log_prob: bool = False,
     ld_alpha: Optional[float] = None,
+    prefix_sharing: Optional[bool] = None,
     **loss_kwargs: Any,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """DPO loss (mean over pairs) and metrics with TRL's names for one preference batch.
@@ -120,6 +157,9 @@ def compute_dpo_loss(
         beta, loss_type, **loss_kwargs: passed to `dpo_fast.losses.dpo_loss` (through
             `fused_linear_dpo_loss`: use_weighting, compute_metrics, label_smoothing, ...).
         average_log_prob, ld_alpha: how per-token log-probs become sequence log-probs.
+        prefix_sharing: run each pair as one row [prompt | chosen | rejected], so the prompt goes
+            through the body once (`dpo_fast.prefix_sharing`; same loss and gradients). None: on when
+            the model was patched with ``prefix_sharing=True``; True needs that patch.
 
     Returns:
         (loss, metrics): loss is a scalar tensor with grad; metrics maps TRL's names
@@ -135,7 +175,8 @@ def compute_dpo_loss(
     if empty:
         warnings.warn(f"compute_dpo_loss: rows {empty} have no completion token to score (completion_mask is zero "
                       "after the first column); they contribute a log-prob of 0", stacklevel=2)
-    hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask)
+    packed = _pack(input_ids, attention_mask, completion_mask, _prefix_sharing(model, prefix_sharing))
+    hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, packed)
     labels = labels.to(hidden.device)
 
     ref = {}
@@ -144,7 +185,8 @@ def compute_dpo_loss(
         ref["ref_rejected_logps"] = batch["ref_rejected_logps"].to(hidden.device, torch.float32)
     elif needs_reference(loss_type, bool(loss_kwargs.get("reference_free", False))):
         with reference_model(model, ref_model=ref_model, ref_adapter_name=ref_adapter_name) as ref_net:
-            ref_hidden, ref_weight, ref_bias = _hidden_and_head(ref_net, input_ids, attention_mask)
+            ref_packed = packed if ref_model is None or _prefix_sharing(ref_net, None) else None
+            ref_hidden, ref_weight, ref_bias = _hidden_and_head(ref_net, input_ids, attention_mask, ref_packed)
         ref.update(ref_hidden=ref_hidden.to(hidden.device), ref_weight=ref_weight.to(hidden.device),
                    ref_bias=None if ref_bias is None else ref_bias.to(hidden.device))
     return fused_linear_dpo_loss(

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The single command a GPU-lent session runs on the device machine (see benchmarks/RESULTS.md, "GPU session").
 #
-#   bash scripts/gpu_session.sh [check] [tests] [step8b] [step8bcap] [profile] [step1b] [bench]
-#                      (no argument: check step8b step8bcap profile tests step1b bench, in that order, inside
+#   bash scripts/gpu_session.sh [check] [tests] [step8b] [step8bcap] [step8bp50] [profile] [step1b] [bench]
+#                      (no argument: check step8b step8bcap step8bp50 profile tests step1b bench, in that order, inside
 #                       a 570 s budget; whatever does not fit is skipped and says so)
 #
 # 1. check: python3 -m benchmarks.gpu_check   every Triton kernel compiled on CUDA vs float64 on the CPU, then
 #                                             the Llama-3-8B head timed against TRL's chunked head and naive
 # 2. tests: the model-level test files on CUDA (patch on a CUDA NF4 model, TRL integration, the trainer)
-# step8b, step8bcap, step1b: benchmarks/step.py (issue 6) at the 8B shape uncapped and under a 16 GB cap,
-#           and group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots)
+# step8b, step8bcap, step8bp50, step1b: benchmarks/step.py (issue 6) at the 8B shape uncapped, under a 16 GB
+#           cap, and with prompts half of each row (what prefix sharing saves depends on the prompt share), and
+#           group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots)
 # 3. bench: python3 -m benchmarks --quick, one level at a time (head, step, fit), each writing its own
 #           results.json, so a level cut off by its timeout loses only itself
 # Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 570);
@@ -32,8 +33,8 @@
 # then give_back() unless rerunning at once (a machine stays warm 30 s after a call; starting a fresh one needs
 # >= 4 min of device time left). A rerun of one phase with less time, e.g. after fixing a kernel:
 #   run(command="GPU_SESSION_BUDGET=240 bash scripts/gpu_session.sh check", carry=[".whl"], timeout_s=300)
-# What comes back ($OUT, at most 8 files): session.log, gpu_check.json, and step_8b.tgz, step_8b_cap16.tgz,
-# profile.tgz, step_1b.tgz, bench.tgz (each results.json + PNG plots; `tar xzf` them).
+# What comes back ($OUT, the device's limit of 8 files): session.log, gpu_check.json, and step_8b.tgz, step_8b_cap16.tgz,
+# step_8b_p50.tgz, profile.tgz, step_1b.tgz, bench.tgz (each results.json + PNG plots; `tar xzf` them).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -117,7 +118,7 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 PHASES=("$@")
-(( ${#PHASES[@]} )) || PHASES=(check step8b step8bcap profile tests step1b bench)
+(( ${#PHASES[@]} )) || PHASES=(check step8b step8bcap step8bp50 profile tests step1b bench)
 for p in "${PHASES[@]}"; do
   case "$p" in
     check)
@@ -127,13 +128,14 @@ for p in "${PHASES[@]}"; do
       # DPOTrainer with dpo_fast enabled, and the trainer (4-bit loading, paged 8-bit AdamW, bf16 autocast).
       # Kernel-level checks are gpu_check's. No -x: show every failure (--maxfail bounds the log).
       phase tests "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=10 \
-        --durations=5 tests/test_body_patch.py tests/test_patch.py tests/test_trl_integration.py \
-        tests/test_train.py -k "not short_dpo_run and not ctrl_c and not resume" ;;
+        --durations=5 tests/test_body_patch.py tests/test_patch.py tests/test_prefix_sharing.py \
+        tests/test_trl_integration.py tests/test_train.py -k "not short_dpo_run and not ctrl_c and not resume" ;;
     step8b)
-      # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens: step time and peak memory vs unpatched TRL
+      # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak
+      # memory vs unpatched TRL; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it
       phase step_8b "${STEP8B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.1-8b --step-sizes 2x2048 \
-        --methods trl dpo_fast_head dpo_fast dpo_fast_all dpo_fast_precomputed_ref --step-warmup 1 --step-repeats 2 \
-        --out "$STAGE/step_8b"
+        --methods trl dpo_fast dpo_fast_all dpo_fast_all_unshared dpo_fast_precomputed_ref --step-warmup 1 \
+        --step-repeats 2 --out "$STAGE/step_8b"
       fold step_8b ;;
     step8bcap)
       # ... and whether that step fits a 16 GB cap (torch.cuda.set_per_process_memory_fraction)
@@ -141,6 +143,12 @@ for p in "${PHASES[@]}"; do
         --step-sizes 2x2048 --cap-gb 16 --methods trl dpo_fast dpo_fast_all --step-warmup 1 --step-repeats 2 \
         --out "$STAGE/step_8b_cap16"
       fold step_8b_cap16 ;;
+    step8bp50)
+      # the same 8B step with prompts half of each row (multi-turn chat, long instructions)
+      phase step_8b_p50 "${STEP8BP50_TIMEOUT:-120}" python3 benchmarks/step.py --shapes llama-3.1-8b \
+        --step-sizes 2x2048 --prompt-fraction 0.5 --methods trl dpo_fast_all dpo_fast_all_unshared \
+        --step-warmup 1 --step-repeats 2 --out "$STAGE/step_8b_p50"
+      fold step_8b_p50 ;;
     profile)
       # where the 8B step's GPU time goes (trl vs dpo_fast_all), and the nf4 dequantize share per projection
       phase profile "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_step.py --out "$STAGE/profile"
@@ -158,7 +166,7 @@ for p in "${PHASES[@]}"; do
       phase bench_fit "${BENCH_FIT_TIMEOUT:-200}" python3 -m benchmarks --quick --level fit --out "$STAGE/bench/fit"
       fold bench ;;
     *)
-      say "unknown phase '$p' (use check, tests, step8b, step8bcap, profile, step1b, bench)"; FAILED+=("$p(unknown)") ;;
+      say "unknown phase '$p' (use check, tests, step8b, step8bcap, step8bp50, profile, step1b, bench)"; FAILED+=("$p(unknown)") ;;
   esac
 done
 

@@ -71,6 +71,8 @@ def test_parsing_maps_every_option():
     assert not default.offload_checkpointing and not default.gradient_checkpointing
     offload = parse(["train", "--model", "m", "--data", "d", "--output", "o", "--offload-checkpointing"])
     assert offload.offload_checkpointing and offload.gradient_checkpointing
+    assert not default.prefix_sharing
+    assert parse(["train", "--model", "m", "--data", "d", "--output", "o", "--prefix-sharing"]).prefix_sharing
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 #: Options forwarded to dpo_fast.patching.body.patch_body, with their defaults.
-BODY_OPTIONS = {"rms_norm": True, "rope": True, "swiglu": True, "qlora_linear": True, "offload_checkpointing": False}
+BODY_OPTIONS = {"rms_norm": True, "rope": True, "swiglu": True, "qlora_linear": True, "offload_checkpointing": False,
+                "prefix_sharing": False}
 _STATE = "_dpo_fast_patch"
 
 
@@ -56,7 +57,9 @@ def patch(model: nn.Module, *, outputs: Sequence[str] = ("log_probs",), body: bo
             `HEAD_OUTPUTS`); extra fields are metrics computed without gradient in the same sweep.
         body: also patch the decoder body with dpo_fast's kernels, when dpo_fast.patching.body exists.
         **body_options: passed to `patch_body` (`rms_norm`, `rope`, `swiglu`, `qlora_linear`,
-            `offload_checkpointing`).
+            `offload_checkpointing`, `prefix_sharing`). With ``prefix_sharing=True``,
+            `compute_dpo_loss` runs each pair as one row [prompt | chosen | rejected], so the prompt
+            goes through the model once instead of twice (same loss and gradients).
 
     Patching again is harmless: the requested outputs are added to those already served.
     """

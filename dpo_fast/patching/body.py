@@ -3,7 +3,10 @@
 `patch_body` replaces, per module instance, the bound ``forward`` of
   * LlamaRMSNorm (and Mistral/Qwen2/Qwen3's copies)       -> dpo_fast.ops.rms_norm
   * LlamaMLP with a SiLU activation                      -> down_proj(swiglu(gate_proj(x), up_proj(x)))
-  * LlamaAttention                                       -> same forward, rotary embedding by dpo_fast.ops.rope
+  * LlamaAttention                                       -> same forward, rotary embedding by dpo_fast.ops.rope;
+                                                            with ``prefix_sharing=True`` it also accepts
+                                                            packed [prompt | chosen | rejected] rows
+                                                            (dpo_fast.ops.prefix_attention)
   * peft LoRA Linear over nn.Linear / bitsandbytes 4-bit  -> dpo_fast.ops.qlora_linear
 and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
 layers' gradient-checkpointing function (enabling checkpointing if it was off).
@@ -30,15 +33,16 @@ import torch
 from torch import nn
 
 from ..ops.offload_checkpoint import offloaded_checkpoint
+from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
 from ..ops.qlora_linear import is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
 
-__all__ = ["patch_body", "unpatch_body", "BODY_KERNELS"]
+__all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled"]
 
 #: The switches of patch_body, in the order they are reported.
-BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing")
+BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing")
 
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
@@ -48,6 +52,8 @@ _SILU_CLASSES = {"SiLU", "SiLUActivation"}
 
 _STATE = "_dpo_fast_body"          # on the causal LM: what patch_body did
 _PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previous instance value or _MISSING)
+_ATTN = "_dpo_fast_attention"      # on a patched attention module: {"rope": bool, "prefix": bool}
+_PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast.ops.prefix_attention
 _MISSING = "<no instance forward>"
 
 _ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_rope_active", default=False)
@@ -69,11 +75,38 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class _PrefixConfigView:
+    """The attention module's config as seen during a prefix-shared call: only the attention function differs.
+
+    The original forward picks its attention function by ``self.config._attn_implementation``; for a
+    call carrying a prefix layout the module sees this view instead, for that call only, so the
+    projections, norms and rotary embedding stay transformers' own.
+    """
+
+    _attn_implementation = _PREFIX_IMPL
+
+    def __init__(self, config: Any) -> None:
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
 def _attention_forward(self, *args: Any, **kwargs: Any):
-    token = _ROPE_ACTIVE.set(True)
+    opts = self.__dict__.get(_ATTN, {"rope": True, "prefix": False})
+    prefix = kwargs.get(PREFIX_KWARG) is not None
+    if prefix and not opts["prefix"]:
+        raise RuntimeError(f"{type(self).__name__}: a prefix-shared batch reached an attention module that was "
+                           "not patched with prefix_sharing=True")
+    token = _ROPE_ACTIVE.set(opts["rope"])
+    config = self.__dict__.get("config")
+    if prefix:
+        self.__dict__["config"] = _PrefixConfigView(config)
     try:
         return _original_forward(self)(*args, **kwargs)
     finally:
+        if prefix:
+            self.__dict__["config"] = config
         _ROPE_ACTIVE.reset(token)
 
 
@@ -145,6 +178,10 @@ def _is_swiglu_mlp(m: nn.Module) -> bool:
             and type(getattr(m, "act_fn", None)).__name__ in _SILU_CLASSES)
 
 
+def _is_attention(m: nn.Module) -> bool:
+    return type(m).__name__ in _ATTN_CLASSES and "config" in m.__dict__
+
+
 def _rope_function_owner(m: nn.Module) -> Optional[types.ModuleType]:
     if type(m).__name__ not in _ATTN_CLASSES:
         return None
@@ -174,6 +211,7 @@ def _restore_forward(module: nn.Module) -> bool:
         del module.__dict__[attr]
     else:
         module.__dict__[attr] = value
+    module.__dict__.pop(_ATTN, None)
     return True
 
 
@@ -238,11 +276,14 @@ def _state_holder(model: nn.Module) -> nn.Module:
 
 
 def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-               qlora_linear: bool = True, offload_checkpointing: bool = False) -> Dict[str, int]:
+               qlora_linear: bool = True, offload_checkpointing: bool = False, prefix_sharing: bool = False
+               ) -> Dict[str, int]:
     """Swap dpo_fast's body kernels into `model` in place; returns how many modules each switch changed.
 
     model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 dense), bare or in a
     peft PeftModel. Patching an already patched model first undoes the previous patch.
+    prefix_sharing: let the attention modules take packed [prompt | chosen | rejected] rows
+    (`dpo_fast.prefix_sharing`); ordinary calls are unchanged.
     """
     holder = _state_holder(model)
     if _STATE in holder.__dict__:
@@ -259,16 +300,23 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
         elif swiglu and _is_swiglu_mlp(module):
             _set_forward(module, _mlp_forward)
             counts["swiglu"] += 1
-        elif rope and _rope_function_owner(module) is not None:
-            owner = _rope_function_owner(module)
-            rope_owners[owner.__name__] = owner
+        elif (rope and _rope_function_owner(module) is not None) or (prefix_sharing and _is_attention(module)):
+            owner = _rope_function_owner(module) if rope else None
+            if owner is not None:
+                rope_owners[owner.__name__] = owner
+                counts["rope"] += 1
             _set_forward(module, _attention_forward)
-            counts["rope"] += 1
+            module.__dict__[_ATTN] = {"rope": owner is not None, "prefix": prefix_sharing}
+            counts["prefix_sharing"] += int(prefix_sharing)
         elif qlora_linear and lora_types and isinstance(module, lora_types):
             _set_forward(module, _lora_forward)
             counts["qlora_linear"] += 1
     for owner in rope_owners.values():
         _install_rope(owner)
+    if counts["prefix_sharing"]:
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(_PREFIX_IMPL, prefix_shared_attention)
     checkpointing = []
     if offload_checkpointing:
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -284,6 +332,12 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
                                "counts": dict(counts)}
     return counts
+
+
+def prefix_sharing_enabled(model: nn.Module) -> bool:
+    """True when `patch_body(model, prefix_sharing=True)` is in effect (the attention takes packed pairs)."""
+    state = _state_holder(model).__dict__.get(_STATE)
+    return bool(state and state["counts"].get("prefix_sharing"))
 
 
 def unpatch_body(model: nn.Module) -> nn.Module:

@@ -47,6 +47,9 @@ class TrainConfig:
     # implies gradient_checkpointing and needs patch. 8B QLoRA DPO step on an H200: extra memory 1.9 GB
     # instead of 3.6 GB at the same step time (benchmarks/RESULTS.md).
     offload_checkpointing: bool = False
+    # run each pair as one row [prompt | chosen | rejected]: the prompt goes through the model once
+    # (dpo_fast.prefix_sharing; same loss and gradients); needs patch and right-padded batches.
+    prefix_sharing: bool = False
 
     # --- data ---------------------------------------------------------------------------------
     max_length: int = 1024
@@ -151,6 +154,10 @@ class TrainConfig:
             raise ValueError("adapter: continuing an adapter needs use_lora=True")
         if self.offload_checkpointing and not self.patch:
             raise ValueError("offload_checkpointing: it is part of the dpo_fast patch; it needs patch=True")
+        if self.prefix_sharing and not self.patch:
+            raise ValueError("prefix_sharing: it is part of the dpo_fast patch; it needs patch=True")
+        if self.prefix_sharing and self.stage == "sft":
+            raise ValueError("prefix_sharing: only meaningful for the dpo stage (SFT rows have no pairs)")
         if self.precompute_ref and self.stage == "sft":
             raise ValueError("precompute_ref: only meaningful for the dpo stage")
 

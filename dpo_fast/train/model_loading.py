@@ -198,7 +198,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool =
     if cfg.patch:
         import dpo_fast.patching as patching
 
-        model = patching.patch(model, offload_checkpointing=cfg.offload_checkpointing)
+        model = patching.patch(model, offload_checkpointing=cfg.offload_checkpointing,
+                               prefix_sharing=cfg.prefix_sharing)
     return model
 
 

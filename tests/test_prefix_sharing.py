@@ -1,0 +1,338 @@
+"""Prefix sharing: packed [prompt | chosen | rejected] rows give the unshared loss, metrics and gradients.
+
+The reference for the attention op is float64 SDPA with the dense mask the packed rows need; the
+reference for the model-level tests is the same model without prefix sharing (TRL's two-row layout),
+whose equality with float64 log-probs the other test modules establish.
+"""
+import math
+import tempfile
+
+import pytest
+import torch
+
+import dpo_fast
+from dpo_fast.dpo import compute_dpo_loss, sequence_logps
+from dpo_fast.ops.backend import use_backend
+from dpo_fast.ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
+from dpo_fast.patching.body import patch_body, prefix_sharing_enabled, unpatch_body
+from dpo_fast.prefix_sharing import pack_pairs, savings
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB = 211
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def preference_batch(prompts, chosen, rejected, length, vocab=VOCAB, device="cpu"):
+    """Right-padded TRL layout; pair i has prompts[i] shared tokens, then its own completions."""
+    b = len(prompts)
+    ids = torch.randint(0, vocab, (2 * b, length), device=device)
+    am = torch.zeros_like(ids)
+    cm = torch.zeros_like(ids)
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        ids[b + i, :p] = ids[i, :p]
+        if c and r:  # completions that differ from their first token (else the shared prefix would grow)
+            ids[b + i, p] = (ids[i, p] + 1) % vocab
+        am[i, :p + c] = 1
+        am[b + i, :p + r] = 1
+        cm[i, p:p + c] = 1
+        cm[b + i, p:p + r] = 1
+    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+
+
+def random_layout(b, length):
+    prompts, chosen, rejected = [], [], []
+    for _ in range(b):
+        p = int(torch.randint(0, length - 2, ()))
+        prompts.append(p)
+        chosen.append(int(torch.randint(1, length - p + 1, ())))
+        rejected.append(int(torch.randint(1, length - p + 1, ())))
+    return prompts, chosen, rejected
+
+
+# ------------------------------------------------------------------------------------------ packing
+@pytest.mark.parametrize("b,length", [(1, 9), (3, 17), (5, 31)])
+def test_pack_pairs_maps_every_token_to_its_packed_copy(b, length):
+    prompts, chosen, rejected = random_layout(b, length)
+    prompts[0] = 0  # a pair with nothing to share
+    batch = preference_batch(prompts, chosen, rejected, length)
+    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ids, am = batch["input_ids"], batch["attention_mask"].bool()
+    flat_ids = packed.input_ids.reshape(-1)[packed.unshared_index].view(2 * b, length)
+    flat_pos = packed.position_ids.reshape(-1)[packed.unshared_index].view(2 * b, length)
+    col = torch.arange(length).expand(2 * b, length)
+    assert torch.equal(flat_ids[am], ids[am])             # every real token has its packed copy ...
+    assert torch.equal(flat_pos[am], col[am])             # ... at its unshared position id
+    rows = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
+    assert packed.input_ids.shape == (b, max(rows))
+    assert packed.attention_mask.sum(1).tolist() == rows
+    assert packed.shared_tokens == sum(prompts)
+    assert savings(packed) == pytest.approx(sum(prompts) / (sum(rows) + sum(prompts)))
+    lay = packed.attention
+    assert lay.len_a == max(p + c for p, c in zip(prompts, chosen))
+    assert lay.len_b == max(p + r for p, r in zip(prompts, rejected))
+    assert lay.is_rejected.sum(1).tolist() == rejected
+
+
+def test_pack_pairs_rejects_layouts_it_cannot_share():
+    batch = preference_batch([4, 3], [5, 6], [6, 2], 12)
+    left = {k: v.flip(1) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_pairs(left["input_ids"], left["attention_mask"], left["completion_mask"])
+    bad = dict(batch)
+    bad["completion_mask"] = batch["completion_mask"].clone()
+    bad["completion_mask"][1, -1] = 1  # row 1 ends in padding at the last column
+    with pytest.raises(ValueError, match="completion_mask is 1 on padding"):
+        pack_pairs(bad["input_ids"], bad["attention_mask"], bad["completion_mask"])
+    with pytest.raises(ValueError, match=r"\[2B, T\]"):
+        pack_pairs(batch["input_ids"][:3], batch["attention_mask"][:3], batch["completion_mask"][:3])
+
+
+# ------------------------------------------------------------------------------------------ attention op
+class _Heads(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def _dense_reference(q, k, v, prompts, chosen, packed, scaling):
+    """float64 attention with the explicit mask: causal, and rejected tokens never see chosen ones."""
+    b, length = packed.input_ids.shape
+    seg = torch.full((b, length), 3)   # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    for i, (p, c) in enumerate(zip(prompts, chosen)):
+        seg[i, :p] = 0
+        seg[i, p:p + c] = 1
+    seg[packed.attention.is_rejected] = 2
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    sees = causal[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~sees[:, None], -math.inf)
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_prefix_attention_matches_dense_masked_float64(heads, kv_heads):
+    b, length, dim = 3, 19, 8
+    prompts, chosen, rejected = [5, 2, 7], [6, 13, 1], [8, 3, 9]
+    batch = preference_batch(prompts, chosen, rejected, length)
+    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    total = packed.input_ids.shape[1]
+    q = torch.randn(b, heads, total, dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, kv_heads, total, dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, kv_heads, total, dim, dtype=torch.float64, requires_grad=True)
+    scaling = dim ** -0.5
+    got, _ = prefix_shared_attention(_Heads(heads // kv_heads), q, k, v, None, scaling=scaling,
+                                     **{PREFIX_KWARG: packed.attention})
+    want = _dense_reference(q, k, v, prompts, chosen, packed, scaling)
+    real = packed.attention_mask.bool()
+    assert rel(got[real], want[real]) < 1e-12
+    grad_out = torch.randn_like(got) * real[:, :, None, None]
+    g_got = torch.autograd.grad(got, (q, k, v), grad_out)
+    g_want = torch.autograd.grad(want, (q, k, v), grad_out)
+    for a, w in zip(g_got, g_want):
+        assert rel(a, w) < 1e-12
+
+
+def test_prefix_attention_rejects_a_wrong_layout():
+    batch = preference_batch([3], [4], [5], 12)
+    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="layout is for rows of 12 tokens"):
+        prefix_shared_attention(_Heads(1), q, q, q, None, **{PREFIX_KWARG: packed.attention})
+    with pytest.raises(ValueError, match="needs a PrefixLayout"):
+        prefix_shared_attention(_Heads(1), q, q, q, None)
+
+
+# ------------------------------------------------------------------------------------------ models
+def _config(family, **kw):
+    common = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+    common.update(kw)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(head_dim=12, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(**{"sliding_window": None, **common})
+    raise ValueError(family)
+
+
+def _lora_model(family="llama", dtype=torch.float32, attn="sdpa", **kw):
+    from peft import LoraConfig, get_peft_model
+
+    config = _config(family, **kw)
+    config._attn_implementation = attn
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, lora).train()
+
+
+def _run(model, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    loss, metrics = compute_dpo_loss(model, batch, **kw)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return loss.detach(), metrics, grads
+
+
+def _assert_same(got, want, tol):
+    loss_g, metrics_g, grads_g = got
+    loss_w, metrics_w, grads_w = want
+    assert rel(loss_g, loss_w) < tol
+    assert metrics_g.keys() == metrics_w.keys()
+    for key, value in metrics_w.items():
+        assert metrics_g[key] == pytest.approx(value, rel=max(tol, 1e-6), abs=1e-6), key
+    worst = max(rel(grads_g[n], grads_w[n]) for n in grads_w)
+    assert worst < tol, worst
+
+
+class _RowCounter:
+    """Records the [rows, length] shapes the embedding sees: proof of which layout ran."""
+
+    def __init__(self, model):
+        self.shapes = []
+        emb = model.get_base_model().get_input_embeddings()
+        self.handle = emb.register_forward_hook(lambda m, a, o: self.shapes.append(tuple(a[0].shape)))
+
+
+@pytest.mark.parametrize("family,checkpointing", [
+    ("llama", None), ("llama", "transformers"), ("llama", "offload"), ("qwen3", None), ("mistral", "transformers"),
+])
+def test_compute_dpo_loss_shared_equals_unshared(family, checkpointing):
+    model = _lora_model(family)
+    if checkpointing == "transformers":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    b, length = 3, 23
+    layout = random_layout(b, length)
+    batch = preference_batch(*layout, length)
+    want = _run(model, batch)
+    dpo_fast.patch(model, prefix_sharing=True, offload_checkpointing=checkpointing == "offload")
+    assert prefix_sharing_enabled(model)
+    counter = _RowCounter(model)
+    got = _run(model, batch)
+    # policy and reference passes both ran on B packed rows
+    packed_len = max(p + c + r for p, c, r in zip(*layout))
+    assert counter.shapes == [(b, packed_len), (b, packed_len)]
+    _assert_same(got, want, 1e-5)
+    counter.shapes.clear()
+    _assert_same(_run(model, batch, prefix_sharing=False), want, 1e-5)
+    assert counter.shapes == [(2 * b, length), (2 * b, length)]
+
+
+def test_prefix_sharing_with_the_kernels_and_eager_attention():
+    """Triton kernels (interpreter) under the packed layout, on a model whose attention is eager."""
+    model = _lora_model("llama", attn="eager")
+    batch = preference_batch([6, 0, 9], [7, 12, 2], [11, 4, 10], 21)
+    want = _run(model, batch)
+    dpo_fast.patch(model, prefix_sharing=True)
+    with use_backend("triton"):
+        got = _run(model, batch)
+    _assert_same(got, want, 1e-5)
+
+
+def test_prefix_sharing_bf16_no_worse_than_unshared_bf16():
+    """bf16: the shared path's error against the fp32 model is that of the unshared bf16 path (TRL's layout)."""
+    import copy
+
+    fp32 = _lora_model("llama")
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    batch = preference_batch([8, 5], [9, 14], [12, 6], 24)
+    want = _run(fp32, batch)
+    unshared = _run(bf16, batch)
+    dpo_fast.patch(bf16, prefix_sharing=True)
+    shared = _run(bf16, batch)
+
+    def grad_error(run):
+        return max(rel(run[2][n], want[2][n]) for n in want[2])
+
+    assert rel(shared[0], want[0]) < 1e-2
+    assert grad_error(shared) <= 1.5 * grad_error(unshared) + 1e-2, (grad_error(shared), grad_error(unshared))
+
+
+def test_qlora_4bit_shared_equals_unshared():
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(_config("llama")).save_pretrained(d)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        base = LlamaForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, lora).train()
+    batch = preference_batch([4, 7], [9, 3], [5, 8], 17)
+    want = _run(model, batch)
+    dpo_fast.patch(model, prefix_sharing=True)
+    _assert_same(_run(model, batch), want, 1e-5)
+
+
+def test_reference_variants_and_sequence_logps():
+    """A "ref" adapter, an unpatched separate ref_model (its pass stays unshared), and sequence_logps."""
+    import copy
+
+    model = _lora_model("llama")
+    batch = preference_batch([5, 2], [6, 9], [7, 3], 16)
+    dpo_fast.add_reference_adapter(model)
+    ref_model = copy.deepcopy(model.get_base_model())
+    for name, p in model.named_parameters():
+        if "lora_B.default" in name:
+            p.data.add_(0.1 * torch.randn_like(p))  # policy != reference
+    want_ref = _run(model, batch)
+    want_sep = _run(model, batch, ref_model=ref_model)
+    with torch.no_grad():
+        want_logps = sequence_logps(model, batch)
+    dpo_fast.patch(model, prefix_sharing=True)
+    _assert_same(_run(model, batch), want_ref, 1e-5)
+    _assert_same(_run(model, batch, ref_model=ref_model), want_sep, 1e-5)
+    with torch.no_grad():
+        got_logps = sequence_logps(model, batch)
+    for g, w in zip(got_logps, want_logps):
+        assert rel(g, w) < 1e-5
+
+
+def test_plain_calls_unchanged_and_unpatch():
+    model = _lora_model("llama").eval()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    counts = patch_body(model, prefix_sharing=True, rope=False)
+    assert counts["prefix_sharing"] == 2 and counts["rope"] == 0
+    with torch.no_grad():
+        assert rel(model(input_ids=ids).logits, want) < 1e-6
+    unpatch_body(model)
+    assert not prefix_sharing_enabled(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    assert "forward" not in attn.__dict__ and "_dpo_fast_attention" not in attn.__dict__
+
+
+def test_clear_errors():
+    model = _lora_model("llama")
+    batch = preference_batch([5, 2], [6, 9], [7, 3], 16)
+    with pytest.raises(ValueError, match="prefix_sharing=True needs a model patched"):
+        compute_dpo_loss(model, batch, prefix_sharing=True)
+    dpo_fast.patch(model, prefix_sharing=True)
+    left = {k: v.flip(1) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="right-padded"):
+        compute_dpo_loss(model, left)
+    windowed = _lora_model("mistral", sliding_window=8)
+    dpo_fast.patch(windowed, prefix_sharing=True)
+    with pytest.raises(ValueError, match="sliding window"):
+        compute_dpo_loss(windowed, batch)
+    # a layout that reaches an attention module patched without prefix sharing never runs silently wrong
+    plain = _lora_model("llama")
+    patch_body(plain)
+    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    from dpo_fast.prefix_sharing import shared_prefix_hidden
+
+    with pytest.raises(RuntimeError, match="not patched with prefix_sharing=True"):
+        shared_prefix_hidden(plain.get_base_model(), packed)
