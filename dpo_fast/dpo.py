@@ -85,11 +85,8 @@ def sequence_logps(model: nn.Module, batch: Mapping[str, Any], *, average_log_pr
     input_ids, attention_mask, completion_mask = _validate_batch(batch)
     labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
     packed = _pack(input_ids, attention_mask, completion_mask, _prefix_sharing(model, prefix_sharing))
-    if packed is None:
-        per_token = token_log_probs(model, input_ids, attention_mask, labels)
-    else:
-        hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, packed)
-        per_token = head_log_probs(hidden, weight, bias, labels[:, 1:])["log_probs"]
+    hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, packed)
+    per_token = head_log_probs(hidden, weight, bias, labels[:, 1:].to(hidden.device))["log_probs"]
     chosen, rejected, _, _ = reduce_sequence_logps(per_token, completion_mask[:, 1:].to(torch.bool),
                                                    average=average_log_prob, ld_alpha=ld_alpha)
     return chosen, rejected

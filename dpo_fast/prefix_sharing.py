@@ -111,13 +111,19 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
                        unshared_index=unshared_index, rows=rows, length=t, shared_tokens=n_shared, attention=layout)
 
 
-def _check_window(causal_lm: nn.Module, packed: PackedPairs) -> None:
+def window_problem(causal_lm: nn.Module, packed: PackedPairs) -> Optional[str]:
+    """Why the packed rows cannot run on this model (a sliding window shorter than a row), or None.
+
+    The two causal calls of the packed attention have no window; rows no longer than the window
+    never reach it.
+    """
     config = causal_lm.config
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and max(packed.attention.len_a,
-                                                                       packed.attention.len_b) > window:
-        raise ValueError(f"prefix sharing: rows of {max(packed.attention.len_a, packed.attention.len_b)} tokens exceed "
-                         f"the model's sliding window ({window}); turn prefix sharing off for this model")
+    longest = max(packed.attention.len_a, packed.attention.len_b)
+    if window and getattr(config, "use_sliding_window", True) and longest > window:
+        return (f"prefix sharing: rows of {longest} tokens exceed the model's sliding window ({window}); turn "
+                "prefix sharing off for this model")
+    return None
 
 
 def shared_prefix_hidden(causal_lm: nn.Module, packed: PackedPairs) -> Tuple[torch.Tensor, nn.Module]:
@@ -127,7 +133,9 @@ def shared_prefix_hidden(causal_lm: nn.Module, packed: PackedPairs) -> Tuple[tor
     """
     from dpo_fast.patching.head import backbone_hidden
 
-    _check_window(causal_lm, packed)
+    problem = window_problem(causal_lm, packed)
+    if problem:
+        raise ValueError(problem)
     hidden, head = backbone_hidden(causal_lm, input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                                    position_ids=packed.position_ids, **{PREFIX_KWARG: packed.attention})
     d = hidden.shape[-1]

@@ -336,3 +336,37 @@ def test_clear_errors():
 
     with pytest.raises(RuntimeError, match="not patched with prefix_sharing=True"):
         shared_prefix_hidden(plain.get_base_model(), packed)
+
+
+def test_fused_forward_packs_pairs_when_it_can():
+    """model(..., labels=, fused_lm_head=True) (TRL's call) packs rows i and B + i when the model was patched
+    with prefix sharing; layouts it cannot pack (left padding, odd rows) run unshared. Same outputs either way."""
+    model = _lora_model("llama")
+    batch = preference_batch([6, 3, 0], [5, 9, 7], [8, 2, 6], 19)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+    cases = {"pairs": (6, False), "left-padded": (6, True), "odd rows": (5, False)}
+
+    def call(n_rows, flip):
+        ids, mask, lab = batch["input_ids"][:n_rows], batch["attention_mask"][:n_rows], labels[:n_rows]
+        if flip:
+            ids, mask, lab = ids.flip(1), mask.flip(1), lab.flip(1)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, labels=lab, fused_lm_head=True)
+        (out.log_probs * torch.linspace(-1, 1, out.log_probs.shape[1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {k: getattr(out, k).detach().float() for k in outputs}, grads
+
+    dpo_fast.patch(model, outputs=outputs)
+    want = {case: call(*args) for case, args in cases.items()}
+    dpo_fast.unpatch(model)
+    dpo_fast.patch(model, body=False, prefix_sharing=True, outputs=outputs)
+    counter = _RowCounter(model)
+    for case, (want_out, want_grads) in want.items():
+        counter.shapes.clear()
+        got_out, got_grads = call(*cases[case])
+        assert counter.shapes[0][0] == (3 if case == "pairs" else cases[case][0]), (case, counter.shapes)
+        for key in outputs:
+            assert rel(got_out[key], want_out[key]) < 1e-5, (case, key)
+        assert max(rel(got_grads[n], want_grads[n]) for n in want_grads) < 1e-5, case

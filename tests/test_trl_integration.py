@@ -85,6 +85,33 @@ def test_dpo_trainer_with_and_without_enable(tmp_path):
     assert logs[1][-1]["rewards/margins"] != logs[1][0]["rewards/margins"]
 
 
+def test_dpo_trainer_with_prefix_sharing(tmp_path):
+    """enable(prefix_sharing=True): TRL's policy and reference calls run each pair as one packed row, and
+    the first step's metrics equal those of TRL's own two-row step."""
+    tok, data = tokenizer(), dataset()
+    state = torch.get_rng_state()
+    dtrl.disable()
+    plain = build(state, tok, data, tmp_path, "plain")
+    try:
+        dtrl.enable(body=False, prefix_sharing=True)
+        fast = build(state, tok, data, tmp_path, "shared")
+    finally:
+        dtrl.disable()
+    rows = []
+    fast.model.get_input_embeddings().register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain.train()
+        fast.train()
+    assert rows and all(r == 4 for r in rows), rows  # 4 pairs per batch -> 4 packed rows, never 8
+    first_plain = next(h for h in plain.state.log_history if "loss" in h)
+    first_fast = next(h for h in fast.state.log_history if "loss" in h)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "entropy", "logits/chosen", "mean_token_accuracy"):
+        a, b = first_plain[key], first_fast[key]
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (key, a, b)
+
+
 def test_enable_rejects_bad_options_and_unsupported_versions(monkeypatch):
     with pytest.raises(TypeError, match="unknown option"):
         dtrl.enable(fused=True)

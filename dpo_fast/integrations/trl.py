@@ -77,7 +77,8 @@ def enable(*, body: bool = True, **patch_options: Any) -> None:
     """Make TRL trainers built from now on use dpo_fast's fused head. Idempotent.
 
     Options are those of `dpo_fast.patch` (`body`, `rms_norm`, `rope`, `swiglu`, `qlora_linear`,
-    `offload_checkpointing`). Raises RuntimeError for an unsupported trl version.
+    `offload_checkpointing`, `prefix_sharing`). With ``prefix_sharing=True``, DPOTrainer's policy and
+    reference calls run each chosen/rejected pair as one row [prompt | chosen | rejected]. Raises RuntimeError for an unsupported trl version.
     """
     from dpo_fast.patching import BODY_OPTIONS
 

@@ -56,6 +56,7 @@ def patch(model: nn.Module, *, outputs: Sequence[str] = ("log_probs",), body: bo
         outputs: per-token fields a fused call returns besides `log_probs` (TRL's names, from
             `HEAD_OUTPUTS`); extra fields are metrics computed without gradient in the same sweep.
         body: also patch the decoder body with dpo_fast's kernels, when dpo_fast.patching.body exists.
+            ``body=False, prefix_sharing=True`` patches only the attention modules, for prefix sharing.
         **body_options: passed to `patch_body` (`rms_norm`, `rope`, `swiglu`, `qlora_linear`,
             `offload_checkpointing`, `prefix_sharing`). With ``prefix_sharing=True``,
             `compute_dpo_loss` runs each pair as one row [prompt | chosen | rejected], so the prompt
@@ -78,6 +79,9 @@ def patch(model: nn.Module, *, outputs: Sequence[str] = ("log_probs",), body: bo
                  "previous_forward": previous, "body": False}
         setattr(causal_lm, _STATE, state)
         causal_lm.forward = make_fused_forward(causal_lm)
+    if not body and body_options.get("prefix_sharing"):
+        # prefix sharing needs only the attention modules: patch them alone, every kernel off
+        body, body_options = True, {**{k: False for k in BODY_OPTIONS}, "prefix_sharing": True}
     if body and not state["body"]:
         module = _body_module()
         if module is None:

@@ -96,15 +96,51 @@ def backbone_hidden(causal_lm: nn.Module, *args: Any, **kwargs: Any) -> Tuple[to
     return hidden.to(head.weight.device), head
 
 
+def _packed_pairs(causal_lm: nn.Module, args: tuple, kwargs: Dict[str, Any], labels: Optional[torch.Tensor],
+                  shift_labels: Optional[torch.Tensor]) -> Optional[Any]:
+    """The call's rows packed in pairs (row i with row B + i, TRL's [chosen; rejected] order) when the model
+    was patched with prefix_sharing=True and the call is a plain right-padded batch; else None.
+
+    Packing is exact for any two rows (they share only their common unscored prefix, which may be
+    empty), so a layout it cannot take simply runs unshared.
+    """
+    from dpo_fast.patching.body import prefix_sharing_enabled
+
+    if args or labels is None or shift_labels is not None or not prefix_sharing_enabled(causal_lm):
+        return None
+    if set(kwargs) - {"input_ids", "attention_mask", "use_cache"}:
+        return None  # position_ids (padding-free), inputs_embeds, caches...: run as given
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] % 2 or labels.shape != ids.shape:
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    from dpo_fast.prefix_sharing import pack_pairs, window_problem
+
+    try:
+        packed = pack_pairs(ids, mask, labels.to(ids.device) != IGNORE_INDEX)
+    except ValueError:
+        return None
+    return None if window_problem(causal_lm, packed) else packed
+
+
 def fused_token_log_probs(causal_lm: nn.Module, *args: Any, labels: torch.Tensor,
                           shift_labels: Optional[torch.Tensor] = None,
                           outputs: Sequence[str] = ("log_probs",), **kwargs: Any) -> Dict[str, torch.Tensor]:
     """Run the backbone of `causal_lm` and score the next-token labels with the fused head.
 
     `labels` are unshifted (as for `model(..., labels=...)`): the result has shape [B, T-1]. With
-    `shift_labels` (already aligned with the positions), the result has shape [B, T].
+    `shift_labels` (already aligned with the positions), the result has shape [B, T]. A model patched
+    with prefix_sharing=True runs rows i and B + i as one packed row when it can (`_packed_pairs`).
     """
-    hidden, head = backbone_hidden(causal_lm, *args, **kwargs)
+    packed = _packed_pairs(causal_lm, args, kwargs, labels, shift_labels)
+    if packed is not None:
+        from dpo_fast.prefix_sharing import shared_prefix_hidden
+
+        hidden, head = shared_prefix_hidden(causal_lm, packed)
+    else:
+        hidden, head = backbone_hidden(causal_lm, *args, **kwargs)
     if shift_labels is None:
         if labels is None:
             raise ValueError("labels: fused_lm_head=True needs labels (or shift_labels)")
