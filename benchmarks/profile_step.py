@@ -5,7 +5,8 @@
 
 For each method: one warm-up step, then one profiled step; the device kernels are summed by name and by
 category (GEMM, nf4 dequantize, attention, dpo_fast's Triton kernels, copies, the rest), so the next
-optimisation goes where the time is. Then, on CUDA with bitsandbytes, the dequantize-then-cuBLAS split of
+optimisation goes where the time is. On CUDA it also reports when the GPU waits (the gaps between kernels,
+by size, and the largest ones) and the CUDA runtime's syncs and allocations during the step. Then, on CUDA with bitsandbytes, the dequantize-then-cuBLAS split of
 each of the shape's projections at --size's token count: what a fused nf4 dequant+matmul could save at
 most is the dequantize share. Without CUDA the same code runs on the tiny CPU model (CPU op times; not GPU
 numbers). Writes profile.json under --out.
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,6 +47,62 @@ def category(name: str) -> str:
         if any(k in low for k in keys):
             return cat
     return "other"
+
+
+#: CUDA runtime calls that block the CPU or the device (syncs, allocations) or count launches
+RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                 "cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaMallocHost", "cudaFreeHost", "cudaLaunchKernel")
+_GAP_BUCKETS = ((0.01, "<10us"), (0.1, "10-100us"), (1.0, "0.1-1ms"), (float("inf"), ">=1ms"))
+
+
+def gpu_idle(kernels: Sequence[Tuple[float, float, str]], top: int = 10) -> Dict[str, Any]:
+    """Where the GPU waits inside a profiled step, from its kernels' (start_us, end_us, name), any stream.
+
+    Busy time is the union of the kernel intervals; each hole between them is a gap. Many small gaps
+    mean launch-bound stretches; a few large ones mean host syncs, allocations or CPU-side work the GPU
+    waits for. Returns span, busy and idle ms, gaps per size bucket (count, ms) and the largest gaps
+    (ms, offset from the first kernel, the kernels around it).
+    """
+    if not kernels:
+        return dict(span_ms=0.0, busy_ms=0.0, idle_ms=0.0, buckets={}, top=[])
+    ks = sorted(kernels)
+    t0 = ks[0][0]
+    busy = 0.0
+    gaps = []
+    cur_start, cur_end, cur_name = ks[0]
+    for start, end, name in ks[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append(((start - cur_end) / 1e3, (cur_end - t0) / 1e3, cur_name, name))
+            cur_start, cur_end = start, end
+        elif end > cur_end:
+            cur_end = end
+        if end >= cur_end:
+            cur_name = name
+    busy += cur_end - cur_start
+    span = (max(e for _, e, _ in ks) - t0) / 1e3
+    buckets: Dict[str, List[float]] = {label: [0, 0.0] for _, label in _GAP_BUCKETS}
+    for ms, *_ in gaps:
+        label = next(lb for lim, lb in _GAP_BUCKETS if ms < lim)
+        buckets[label][0] += 1
+        buckets[label][1] += ms
+    largest = sorted(gaps, key=lambda g: -g[0])[:top]
+    return dict(span_ms=span, busy_ms=busy / 1e3, idle_ms=span - busy / 1e3,
+                buckets={k: dict(count=int(v[0]), ms=v[1]) for k, v in buckets.items()},
+                top=[dict(ms=ms, at_ms=at, before=b[:100], after=a[:100]) for ms, at, b, a in largest])
+
+
+def runtime_calls(events: Sequence[Any]) -> Dict[str, Dict[str, float]]:
+    """Count and CPU ms of the CUDA runtime calls in RUNTIME_CALLS seen in a profile (syncs, allocations)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for evt in events:
+        name = getattr(evt, "name", "")
+        if name in RUNTIME_CALLS or any(name.startswith(c + "_") or name.startswith(c + "Async") for c in
+                                        ("cudaMemcpy", "cudaMalloc", "cudaFree")):
+            row = out.setdefault(name, dict(count=0, ms=0.0))
+            row["count"] += 1
+            row["ms"] += evt.time_range.elapsed_us() / 1e3
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -78,11 +135,14 @@ def profile_method(model, method_name: str, batch, device: torch.device, top: in
     by_name: Dict[str, float] = defaultdict(float)
     counts: Dict[str, int] = defaultdict(int)
     on_device = device.type == "cuda"
-    for evt in prof.events():
+    events = prof.events()
+    intervals = []
+    for evt in events:
         if on_device:
             if evt.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             us = evt.time_range.elapsed_us()
+            intervals.append((evt.time_range.start, evt.time_range.end, evt.name))
         else:  # CPU: each aten op's self time, so nested ops (mm inside linear) are not counted twice
             if not evt.name.startswith("aten::"):
                 continue
@@ -96,7 +156,8 @@ def profile_method(model, method_name: str, batch, device: torch.device, top: in
     kernels = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
     return dict(method=method_name, wall_ms=wall_ms, kernel_ms=total,
                 categories={k: v for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-                top=[dict(name=n[:160], ms=ms, calls=counts[n], category=category(n)) for n, ms in kernels])
+                top=[dict(name=n[:160], ms=ms, calls=counts[n], category=category(n)) for n, ms in kernels],
+                idle=gpu_idle(intervals) if on_device else None, runtime=runtime_calls(events) if on_device else None)
 
 
 def _timed_ms(fn, device: torch.device, repeats: int) -> float:
@@ -189,6 +250,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"   {cat:18s} {ms:9.1f} ms  {100 * ms / max(r['kernel_ms'], 1e-9):5.1f}%")
         for k in r["top"]:
             print(f"     {k['ms']:9.2f} ms {k['calls']:6d}x  [{k['category']}] {k['name'][:110]}")
+        idle = r.get("idle")
+        if idle:
+            print(f"   GPU busy {idle['busy_ms']:.1f} ms of a {idle['span_ms']:.1f} ms span: idle {idle['idle_ms']:.1f} ms; "
+                  "gaps " + ", ".join(f"{k}: {v['count']} ({v['ms']:.1f} ms)" for k, v in idle["buckets"].items()))
+            for g in idle["top"][:5]:
+                print(f"     gap {g['ms']:7.2f} ms at {g['at_ms']:8.1f} ms: {g['before'][:45]} -> {g['after'][:45]}")
+        if r.get("runtime"):
+            print("   CUDA runtime: " + ", ".join(f"{k} {v['count']}x {v['ms']:.1f} ms" for k, v in
+                                                    sorted(r["runtime"].items())))
     del model, batch
     free_memory(device)
     if on_gpu and bnb_has_cuda():

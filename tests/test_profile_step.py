@@ -43,3 +43,37 @@ def test_nf4_split_times_dequantize_and_gemm(one_torch_thread):
         assert r["dequant_ms"] > 0 and r["gemm_ms"] > 0 and r["dequant_then_gemm_ms"] > 0
         assert 0 < r["dequant_share"]
         assert r["weight_dtype"] == "torch.float32"
+
+
+def test_gpu_idle_merges_overlapping_kernels_and_buckets_gaps():
+    kernels = [(0.0, 100.0, "a"), (50.0, 120.0, "b"),       # overlap (two streams): busy 0..120
+               (125.0, 200.0, "c"),                          # 5 us gap
+               (250.0, 300.0, "d"),                          # 50 us gap
+               (2300.0, 2400.0, "e")]                        # 2 ms gap
+    idle = profile_step.gpu_idle(kernels)
+    assert idle["span_ms"] == pytest.approx(2.4)
+    assert idle["busy_ms"] == pytest.approx((120 + 75 + 50 + 100) / 1e3)
+    assert idle["idle_ms"] == pytest.approx(2.4 - 0.345)
+    assert idle["buckets"]["<10us"] == {"count": 1, "ms": pytest.approx(0.005)}
+    assert idle["buckets"]["10-100us"]["count"] == 1 and idle["buckets"][">=1ms"]["count"] == 1
+    assert idle["buckets"]["0.1-1ms"]["count"] == 0
+    biggest = idle["top"][0]
+    assert biggest["ms"] == pytest.approx(2.0) and biggest["at_ms"] == pytest.approx(0.3)
+    assert (biggest["before"], biggest["after"]) == ("d", "e")
+    assert idle["top"][-1]["before"] == "b"  # the 5 us gap follows the kernel that ended last (b, not a)
+    assert profile_step.gpu_idle([]) == dict(span_ms=0.0, busy_ms=0.0, idle_ms=0.0, buckets={}, top=[])
+
+
+def test_runtime_calls_counts_syncs_and_allocations():
+    class Evt:
+        def __init__(self, name, us):
+            self.name = name
+            self.time_range = type("R", (), {"elapsed_us": lambda self, us=us: us})()
+
+    events = [Evt("cudaStreamSynchronize", 300), Evt("cudaStreamSynchronize", 100), Evt("cudaMalloc", 2000),
+              Evt("cudaMemcpyAsync", 5), Evt("aten::mm", 50), Evt("cudaLaunchKernel", 3)]
+    calls = profile_step.runtime_calls(events)
+    assert calls["cudaStreamSynchronize"] == {"count": 2, "ms": pytest.approx(0.4)}
+    assert calls["cudaMalloc"] == {"count": 1, "ms": pytest.approx(2.0)}
+    assert calls["cudaMemcpyAsync"]["count"] == 1 and calls["cudaLaunchKernel"]["count"] == 1
+    assert "aten::mm" not in calls
