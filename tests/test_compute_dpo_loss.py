@@ -162,6 +162,33 @@ def test_fresh_adapter_reference_is_frozen_base():
     assert (policy1 - policy0).abs().max() > 1e-4  # the policy does
 
 
+@pytest.mark.parametrize("qlora_linear", [True, False])
+def test_reference_pass_bypasses_patched_lora_without_peft_toggling(qlora_linear, monkeypatch):
+    """With every LoRA layer patched, the adapters-disabled reference runs through a context variable
+    (peft's disable_adapter, which walks and reports every layer, is not called) and gives peft's numbers;
+    with unpatched LoRA layers it goes through peft. Either way the policy is unchanged afterwards."""
+    from peft import PeftModel
+
+    model = qlora()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = pref_batch()
+    want_loss, _ = compute_dpo_loss(model, batch)  # unpatched: peft's disable_adapter
+    _, want_ref = _ref_and_policy_logps(model, batch)
+    P.patch(model, qlora_linear=qlora_linear)
+    calls = []
+    original = PeftModel.disable_adapter
+    monkeypatch.setattr(PeftModel, "disable_adapter", lambda self: calls.append(1) or original(self))
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    loss, _ = compute_dpo_loss(model, batch)
+    _, ref = _ref_and_policy_logps(model, batch)
+    assert len(calls) == (0 if qlora_linear else 2)
+    assert rel(loss.detach(), want_loss.detach()) < 1e-6 and rel(ref, want_ref) < 1e-6
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(m.gradient_checkpointing for m in model.base_model.model.model.layers)
+    assert not any(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
+
+
 def test_ref_adapter_is_the_starting_adapter():
     model = P.patch(qlora(init_lora_weights=False), body=False)
     model.train()

@@ -22,12 +22,13 @@ is unpatched. Each patched forward falls back to the original one for cases the 
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import sys
 import types
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
 
-__all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled"]
+__all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
 #: The switches of patch_body, in the order they are reported.
 BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing")
@@ -57,6 +58,9 @@ _PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast
 _MISSING = "<no instance forward>"
 
 _ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_rope_active", default=False)
+# While set, every LoRA layer patched here computes its base layer only (adapters disabled): the
+# reference pass uses it instead of toggling every layer through peft (see lora_bypassed).
+_LORA_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_lora_off", default=False)
 _rope_installs: Dict[str, list] = {}   # modeling module name -> [original function, number of patched models]
 
 
@@ -139,6 +143,8 @@ def _lora_plan(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
 
 
 def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if _LORA_OFF.get():
+        return self.base_layer(x, *args, **kwargs)  # peft's forward with adapters disabled, unmerged
     plan = _lora_plan(self, x, args, kwargs)
     if plan is None:
         return _original_forward(self)(x, *args, **kwargs)
@@ -332,6 +338,29 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
                                "counts": dict(counts)}
     return counts
+
+
+def is_patched_lora(module: nn.Module) -> bool:
+    """True for a peft LoRA layer whose forward is dpo_fast's (so `lora_bypassed` disables its adapter)."""
+    for attr in ("_old_forward", "forward"):
+        if getattr(module.__dict__.get(attr), "__func__", None) is _lora_forward:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def lora_bypassed() -> Iterator[None]:
+    """For the block, every LoRA layer dpo_fast patched runs its base layer only (adapters disabled).
+
+    O(1), where peft's `disable_adapter()` walks and toggles every layer and reports the model's status
+    (tens of ms on an 8B model, during which the GPU waits). Only valid when every adapter layer of the
+    model is a patched, unmerged LoRA layer: `dpo_fast.patching.reference` checks that.
+    """
+    token = _LORA_OFF.set(True)
+    try:
+        yield
+    finally:
+        _LORA_OFF.reset(token)
 
 
 def prefix_sharing_enabled(model: nn.Module) -> bool:

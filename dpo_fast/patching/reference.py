@@ -6,11 +6,14 @@ with adapters disabled (the base model). A fresh adapter therefore trains agains
 and continued training of an existing adapter trains against a frozen copy of its starting weights
 (`dpo_fast.add_reference_adapter`). A separate `ref_model`, or an explicit `ref_adapter_name`,
 overrides the rule. The reference pass runs under `torch.no_grad`, with dropout off, with
-gradient checkpointing off, and never copies the base weights.
+gradient checkpointing off, and never copies the base weights. With every adapter layer patched by
+dpo_fast (`patch(model)`'s default), disabling the adapters is a context variable the patched layers
+read, not peft's per-layer toggle and status report.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 import torch
@@ -21,34 +24,56 @@ from .support import is_peft_model
 REF_ADAPTER_NAME = "ref"
 
 
-@contextlib.contextmanager
-def gradient_checkpointing_off(model: nn.Module) -> Iterator[None]:
-    """Turn off every module's `gradient_checkpointing` flag for the block, then restore it exactly."""
-    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in flagged:
-        m.gradient_checkpointing = False
+@dataclass
+class _Scan:
+    """What one walk over a model's modules found for the reference pass."""
+
+    checkpointed: List[nn.Module] = field(default_factory=list)  # gradient_checkpointing is True
+    dropouts: List[nn.Module] = field(default_factory=list)      # dropout modules in training mode
+    adapters: int = 0                                            # peft adapter layers / wrappers
+    bypassable: bool = True                                      # every one is a patched, unmerged LoRA layer
+
+
+def _scan(model: nn.Module) -> _Scan:
+    """One pass over `model.modules()` (an 8B peft model has thousands: walk them once per reference pass)."""
+    from .body import is_patched_lora
+
     try:
-        yield
-    finally:
-        for m in flagged:
-            m.gradient_checkpointing = True
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+        adapter_types: tuple = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    except ImportError:  # pragma: no cover - peft is a dependency
+        adapter_types = ()
+    found = _Scan()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            found.checkpointed.append(m)
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
+            found.dropouts.append(m)
+        if adapter_types and isinstance(m, adapter_types):
+            found.adapters += 1
+            if not (is_patched_lora(m) and not getattr(m, "merged", True)):
+                found.bypassable = False
+    return found
 
 
 @contextlib.contextmanager
-def dropout_off(model: nn.Module) -> Iterator[None]:
-    """Put the dropout modules (LoRA's included) in eval mode for the block, then restore them.
+def _reference_setup(found: _Scan) -> Iterator[None]:
+    """Checkpointing flags and dropout modules off for the block (as found by `_scan`), then restored.
 
     Only dropout modules are switched: switching the whole model to eval would change other layers'
     kernels (bitsandbytes' CPU backend, for one, repacks 4-bit weights for bf16 inference in eval mode).
     """
-    switched: List[nn.Module] = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
-                                 and m.training]
-    for m in switched:
+    for m in found.checkpointed:
+        m.gradient_checkpointing = False
+    for m in found.dropouts:
         m.training = False
     try:
         yield
     finally:
-        for m in switched:
+        for m in found.checkpointed:
+            m.gradient_checkpointing = True
+        for m in found.dropouts:
             m.training = True
 
 
@@ -93,14 +118,18 @@ def reference_model(model: nn.Module, *, ref_model: Optional[nn.Module] = None,
     Inside the block gradients, dropout and gradient checkpointing are off;
     all of it is restored on exit.
     """
+    from .body import lora_bypassed
+
     kind = describe_reference(model, ref_model, ref_adapter_name)
     target = ref_model if ref_model is not None else model
+    found = _scan(target)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        stack.enter_context(gradient_checkpointing_off(target))
-        stack.enter_context(dropout_off(target))
+        stack.enter_context(_reference_setup(found))
         if kind.startswith("adapter:"):
             stack.enter_context(active_adapter(model, kind.split(":", 1)[1]))
         elif kind == "adapters_disabled":
-            stack.enter_context(model.disable_adapter())
+            # patched LoRA layers skip their adapter through a context variable; anything else through peft
+            bypass = found.bypassable and found.adapters > 0 and not getattr(model, "_adapters_disabled", False)
+            stack.enter_context(lora_bypassed() if bypass else model.disable_adapter())
         yield target
