@@ -17,10 +17,7 @@ from dpo_fast.data import (
     tokenize_pairs,
 )
 from dpo_fast.demo_task import demo_tokenizer, make_preference_dataset
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+from seeds import fresh_seed  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _write(path, rows, fmt):
@@ -59,7 +56,7 @@ FORMATS = ["jsonl", "json", "parquet", "save_to_disk", "dataset", "list"]
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_standard_rows_load_from_every_source(tmp_path, fmt):
-    rows = make_preference_dataset(23, _seed())
+    rows = make_preference_dataset(23, fresh_seed())
     got, report = load_preference_rows(_write(tmp_path, rows, fmt))
     assert report.n_read == report.n_kept == 23 and report.n_skipped == 0
     assert report.formats == {"standard": 23}
@@ -69,7 +66,7 @@ def test_standard_rows_load_from_every_source(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "save_to_disk", "dataset"])
 def test_conversational_explicit_prompt(tmp_path, fmt):
-    rows = make_preference_dataset(11, _seed(), conversational=True)
+    rows = make_preference_dataset(11, fresh_seed(), conversational=True)
     rows[3]["prompt"] = [{"role": "system", "content": "be exact"}] + rows[3]["prompt"]
     got, report = load_preference_rows(_write(tmp_path, rows, fmt))
     assert report.n_kept == 11 and report.formats == {"conversational": 11}
@@ -78,7 +75,7 @@ def test_conversational_explicit_prompt(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_conversational_implicit_prompt_takes_shared_turns(tmp_path, fmt):
-    rows = make_preference_dataset(9, _seed(), conversational=True)
+    rows = make_preference_dataset(9, fresh_seed(), conversational=True)
     # a multi-turn pair: the shared assistant turn belongs to the prompt
     rows[0]["prompt"] = rows[0]["prompt"] + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
@@ -88,7 +85,7 @@ def test_conversational_implicit_prompt_takes_shared_turns(tmp_path, fmt):
 
 
 def test_standard_implicit_prompt_is_shared_prefix():
-    rows = make_preference_dataset(60, _seed())
+    rows = make_preference_dataset(60, fresh_seed())
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     # a completion that is a prefix of the other leaves nothing after the shared prompt
     prefix = [i for i, r in enumerate(implicit) if r["chosen"].startswith(r["rejected"])]
@@ -105,7 +102,7 @@ def test_standard_implicit_prompt_is_shared_prefix():
 
 
 def test_json_file_holding_jsonl_and_dict_wrapper(tmp_path):
-    rows = make_preference_dataset(5, _seed())
+    rows = make_preference_dataset(5, fresh_seed())
     p = tmp_path / "lines.json"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     assert [g["chosen"] for g in load_preference_rows(str(p))[0]] == [r["chosen"] for r in rows]
@@ -115,7 +112,7 @@ def test_json_file_holding_jsonl_and_dict_wrapper(tmp_path):
 
 
 def test_ref_logps_pass_through():
-    rows = make_preference_dataset(4, _seed())
+    rows = make_preference_dataset(4, fresh_seed())
     vals = torch.randn(4, 2).tolist()
     for r, (a, b) in zip(rows, vals):
         r["ref_chosen_logps"], r["ref_rejected_logps"] = a, b
@@ -158,7 +155,7 @@ BAD_ROWS = {
 
 def _bad_file(tmp_path):
     """A JSONL file: good rows, every bad kind, a blank line and a broken line; returns (path, expected)."""
-    good = make_preference_dataset(len(BAD_ROWS) + 3, _seed())
+    good = make_preference_dataset(len(BAD_ROWS) + 3, fresh_seed())
     lines, expected, n_good = [], {}, 0
     for name, (row, reason, _) in BAD_ROWS.items():
         lines.append(json.dumps(good[n_good]))
@@ -191,7 +188,7 @@ def test_bad_rows_skipped_with_line_numbers(tmp_path):
 @pytest.mark.parametrize("name", list(BAD_ROWS))
 def test_bad_row_error_mode_names_line_and_reason(tmp_path, name):
     row, reason, message = BAD_ROWS[name]
-    good = make_preference_dataset(2, _seed())
+    good = make_preference_dataset(2, fresh_seed())
     path = tmp_path / "one_bad.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good[0], good[1], row]) + "\n")
     with pytest.raises(ValueError, match=rf"line 3: .*{message}"):
@@ -202,7 +199,7 @@ def test_bad_row_error_mode_names_line_and_reason(tmp_path, name):
 
 @pytest.mark.parametrize("fmt", ["parquet", "list"])
 def test_bad_rows_in_tabular_sources_report_row_index(tmp_path, fmt):
-    rows = make_preference_dataset(6, _seed())
+    rows = make_preference_dataset(6, fresh_seed())
     rows[2] = dict(rows[2], rejected=rows[2]["chosen"])
     rows[4] = dict(rows[4], chosen="")
     got, report = load_preference_rows(_write(tmp_path, rows, fmt))
@@ -232,7 +229,7 @@ def test_load_argument_errors(tmp_path):
 
 
 def test_standard_tokenization_bos_and_eos(tok):
-    rows, _ = load_preference_rows(make_preference_dataset(30, _seed()))
+    rows, _ = load_preference_rows(make_preference_dataset(30, fresh_seed()))
     rows[0]["chosen"] = rows[0]["chosen"] + tok.eos_token  # already ends with EOS: not doubled
     examples, report = tokenize_pairs(rows, tok, max_length=None)
     assert report.n_kept == 30 and report.n_prefix_mismatch == 0
@@ -248,7 +245,7 @@ def test_standard_tokenization_bos_and_eos(tok):
 
 
 def test_chat_template_path(tok):
-    rows, _ = load_preference_rows(make_preference_dataset(12, _seed(), conversational=True))
+    rows, _ = load_preference_rows(make_preference_dataset(12, fresh_seed(), conversational=True))
     examples, report = tokenize_pairs(rows, tok)
     assert report.n_kept == 12 and report.n_prefix_mismatch == 0
     for ex, row in zip(examples, rows):
@@ -264,7 +261,7 @@ def test_chat_template_path(tok):
 
 
 def test_conversational_needs_chat_template(tok):
-    rows, _ = load_preference_rows(make_preference_dataset(2, _seed(), conversational=True))
+    rows, _ = load_preference_rows(make_preference_dataset(2, fresh_seed(), conversational=True))
     bare = demo_tokenizer()
     bare.chat_template = None
     with pytest.raises(ValueError, match="chat_template"):
@@ -286,7 +283,7 @@ def _long_rows(n, seed):
 @pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
 @pytest.mark.parametrize("max_prompt_length", [None, 9])
 def test_truncation_modes_and_dropped_prompts(tok, mode, max_prompt_length):
-    rows = _long_rows(60, _seed())
+    rows = _long_rows(60, fresh_seed())
     max_length = 16
     full, _ = tokenize_pairs(rows, tok, max_length=None)
     examples, report = tokenize_pairs(
@@ -331,7 +328,7 @@ def test_pairs_identical_after_truncation_are_dropped_and_counted(tok):
 
 
 def test_tokenize_argument_errors(tok):
-    rows, _ = load_preference_rows(make_preference_dataset(2, _seed()))
+    rows, _ = load_preference_rows(make_preference_dataset(2, fresh_seed()))
     with pytest.raises(ValueError, match="truncation_mode"):
         tokenize_pairs(rows, tok, truncation_mode="middle")
     with pytest.raises(ValueError, match="max_length"):
@@ -346,7 +343,7 @@ def test_tokenize_argument_errors(tok):
 
 
 def _random_examples(b, with_ref):
-    g = torch.Generator().manual_seed(_seed())
+    g = torch.Generator().manual_seed(fresh_seed())
 
     def ids(lo, hi):
         n = int(torch.randint(lo, hi, (), generator=g))
@@ -407,7 +404,7 @@ def test_pipeline_log_probs_match_unpadded_float64(tok):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).double().eval()
-    rows, _ = load_preference_rows(make_preference_dataset(5, _seed()))
+    rows, _ = load_preference_rows(make_preference_dataset(5, fresh_seed()))
     examples, _ = tokenize_pairs(rows, tok)
     batch = PreferenceCollator(tok.pad_token_id)(examples)
     with torch.no_grad():
@@ -433,7 +430,7 @@ def test_pipeline_log_probs_match_unpadded_float64(tok):
 @pytest.mark.parametrize("n,bs,drop_last", [(1, 4, False), (37, 4, False), (100, 8, False), (37, 4, True)])
 def test_length_grouped_batches_cover_every_index_once(n, bs, drop_last):
     lengths = torch.randint(1, 200, (n,)).tolist()
-    sampler = LengthGroupedBatchSampler(lengths, bs, seed=_seed(), drop_last=drop_last, mega_batch_mult=4)
+    sampler = LengthGroupedBatchSampler(lengths, bs, seed=fresh_seed(), drop_last=drop_last, mega_batch_mult=4)
     batches = list(sampler)
     flat = sorted(i for b in batches for i in b)
     if drop_last:
@@ -447,7 +444,7 @@ def test_length_grouped_batches_cover_every_index_once(n, bs, drop_last):
 def test_length_grouping_is_seeded_and_cuts_padding():
     n, bs = 200, 8
     lengths = torch.randint(1, 300, (n,)).tolist()
-    seed = _seed()
+    seed = fresh_seed()
     a = LengthGroupedBatchSampler(lengths, bs, seed=seed)
     assert list(a) == list(LengthGroupedBatchSampler(lengths, bs, seed=seed))
     assert list(a) != list(LengthGroupedBatchSampler(lengths, bs, seed=seed + 1))
@@ -471,7 +468,7 @@ def test_length_grouping_is_seeded_and_cuts_padding():
 
 def test_split_eval_deterministic_and_disjoint():
     items = [f"x{i}" for i in range(101)]
-    seed = _seed()
+    seed = fresh_seed()
     train, ev = split_eval(items, 0.2, seed=seed)
     assert (train, ev) == split_eval(items, 0.2, seed=seed)
     assert len(ev) == round(101 * 0.2) and sorted(train + ev) == sorted(items)
@@ -487,7 +484,7 @@ def test_split_eval_deterministic_and_disjoint():
 def test_dataset_dict_split_choice(tmp_path):
     import datasets
 
-    rows = make_preference_dataset(6, _seed())
+    rows = make_preference_dataset(6, fresh_seed())
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]), "test": datasets.Dataset.from_list(rows[4:])})
     dd.save_to_disk(str(tmp_path / "dd"))
     got, _ = load_preference_rows(str(tmp_path / "dd"))

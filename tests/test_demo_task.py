@@ -16,10 +16,7 @@ from dpo_fast.demo_task import (
     tiny_llama_config,
     to_conversational,
 )
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+from seeds import fresh_seed  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _reference_answer(prompt: str) -> list[str]:
@@ -31,7 +28,7 @@ def _reference_answer(prompt: str) -> list[str]:
 
 
 def test_tokenizer_round_trips_task_strings(tok):
-    rows = make_preference_dataset(300, _seed())
+    rows = make_preference_dataset(300, fresh_seed())
     assert len(tok) == len(read_vocab()) < 200
     for row in rows:
         for text in row.values():
@@ -50,15 +47,15 @@ def test_tokenizer_is_deterministic_and_saves(tok, tmp_path):
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}) == 4
     tok.save_pretrained(str(tmp_path))
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    row = to_conversational(make_preference_dataset(1, _seed())[0])
+    row = to_conversational(make_preference_dataset(1, fresh_seed())[0])
     msgs = row["prompt"] + row["chosen"]
     assert loaded.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False)
-    text = make_preference_dataset(1, _seed())[0]["prompt"]
+    text = make_preference_dataset(1, fresh_seed())[0]["prompt"]
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
 
 
 def test_chat_template_renders_known_tokens(tok):
-    row = to_conversational(make_preference_dataset(1, _seed())[0])
+    row = to_conversational(make_preference_dataset(1, fresh_seed())[0])
     system = [{"role": "system", "content": "a b c"}]
     prompt = tok.apply_chat_template(system + row["prompt"], tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(system + row["prompt"] + row["chosen"], tokenize=False)
@@ -70,13 +67,13 @@ def test_chat_template_renders_known_tokens(tok):
 
 
 def test_judge_accepts_chosen_rejects_rejected_on_every_pair():
-    rows = make_preference_dataset(2000, _seed())
+    rows = make_preference_dataset(2000, fresh_seed())
     for row in rows:
         ref = _reference_answer(row["prompt"])
         assert row["chosen"].split() == ref and row["rejected"].split() != ref
         assert judge(row["prompt"], row["chosen"]) and not judge(row["prompt"], row["rejected"])
         assert expected_completion(row["prompt"]) == " ".join(ref)
-    for row in make_preference_dataset(200, _seed(), conversational=True):
+    for row in make_preference_dataset(200, fresh_seed(), conversational=True):
         assert judge(row["prompt"], row["chosen"][0]["content"])
         assert not judge(row["prompt"], row["rejected"][0]["content"])
 
@@ -94,7 +91,7 @@ def test_judge_edge_cases():
 
 
 def test_dataset_deterministic_per_seed_and_varied():
-    seed = _seed()
+    seed = fresh_seed()
     a = make_preference_dataset(400, seed)
     assert a == make_preference_dataset(400, seed)
     assert a != make_preference_dataset(400, seed + 1)
@@ -121,7 +118,7 @@ def test_tiny_llama_config_is_small_and_runs(tok):
     model = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     assert 1e5 < n_params < 5e6
-    row = make_preference_dataset(1, _seed())[0]
+    row = make_preference_dataset(1, fresh_seed())[0]
     ids = torch.tensor([tok(row["prompt"] + row["chosen"])["input_ids"]])
     logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
@@ -131,7 +128,7 @@ def test_tiny_llama_config_is_small_and_runs(tok):
 
 
 def test_dataset_difficulty_options():
-    seed = _seed()
+    seed = fresh_seed()
     rows = make_preference_dataset(300, seed, tasks=("reverse",), min_items=4, max_items=5, near_miss_kinds=("swap",))
     for row in rows:
         task, items = parse_prompt(row["prompt"])

@@ -16,6 +16,7 @@ from dpo_fast.train import checkpoint as ckpt
 from dpo_fast.train import ref_cache
 from dpo_fast.train.logging import MetricsLogger, plot_metrics, read_metrics
 from dpo_fast.train.optim import build_optimizer, build_scheduler
+from seeds import fresh_seed  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second")
@@ -29,10 +30,6 @@ def tiny_config(tok, **overrides):
                   num_key_value_heads=2)
     fields.update(overrides)
     return tiny_llama_config(len(tok), **fields)
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**30, ()).item())
 
 
 def make_cfg(tok, tmp_path, name="run", **kw):
