@@ -153,6 +153,27 @@ def test_patched_qlora_llama_bf16(qlora_dir, device):
     unpatch_body(model)
 
 
+def test_patched_qlora_llama_under_autocast(qlora_dir, device):
+    """bf16 autocast (HF/TRL bf16=True, dpo_fast's trainer on a GPU): the fused QLoRA linear still runs, in
+    the autocast dtype, and its error against the fp32 model is that of peft + bitsandbytes under autocast."""
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    batch = _batch(device)
+    truth = _loss_and_grads(model, batch)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        want = _loss_and_grads(model, batch)
+        patch_body(model)
+        ops = _graph_ops(model(**batch).loss)
+        got = _loss_and_grads(model, batch)
+    assert "LoRALinearFunctionBackward" in ops  # no silent fallback to peft under autocast
+    names = sorted(truth[1])
+    flat = lambda g: torch.cat([g[n].float().flatten() for n in names])  # noqa: E731
+    err_patched, err_unpatched = rel(flat(got[1]), flat(truth[1])), rel(flat(want[1]), flat(truth[1]))
+    assert err_patched < 1e-1 and err_patched <= 1.5 * err_unpatched + 1e-2, (err_patched, err_unpatched)
+    assert rel(got[0], truth[0]) < 1e-2
+    assert all(g.dtype == torch.float32 for g in got[1].values())  # LoRA grads in the adapters' dtype
+    unpatch_body(model)
+
+
 def test_unpatch_restores_everything(qlora_dir, device):
     import transformers.models.llama.modeling_llama as modeling_llama
 

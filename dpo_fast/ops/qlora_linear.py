@@ -17,6 +17,9 @@ Precision: the base matmul runs in the base layer's compute dtype (bitsandbytes'
 else x's dtype) like bitsandbytes; the rank-r LoRA products run in the adapter's dtype (peft keeps
 adapters in fp32 by default) but every product that reads an x- or y-sized operand runs in the compute
 dtype with fp32 accumulation (no fp32 copies of activations), as Unsloth does; in fp32 this is exact.
+Under autocast (HF/TRL ``bf16=True``, dpo_fast's trainer on a GPU) the compute dtype and y's dtype are
+the autocast dtype, as they are for peft + bitsandbytes under autocast; the op itself runs with
+autocast off and casts explicitly, so forward and backward use the same precisions.
 """
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ def is_supported_base(base: nn.Module) -> bool:
 
 
 def base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype the base matmul runs in: bitsandbytes' compute_dtype, else x's dtype."""
+    """The dtype the base matmul runs in: the autocast dtype under autocast, else bitsandbytes'
+    compute_dtype, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
     l4 = _bnb_linear4bit_type()
     if l4 is not None and isinstance(base, l4):
         return getattr(base, "compute_dtype", None) or x.dtype
@@ -83,28 +89,39 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, mask: Optional[torch.Tensor]):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        cdtype = base_compute_dtype(base, x)
+        with torch.autocast(x.device.type, enabled=False):
+            return LoRALinearFunction._forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype,
+                                               cdtype if autocast else x.dtype)
+
+    @staticmethod
+    def _forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
-        cdtype = base_compute_dtype(base, x)
         w = dense_weight(base, cdtype)
         bias = base.bias.to(cdtype) if base.bias is not None else None
-        y = F.linear(x2.to(cdtype), w, bias).to(x.dtype)
+        y = F.linear(x2.to(cdtype), w, bias).to(out_dtype)
         del w
         xd = _dropped(x2, mask, p).to(cdtype)
         h = (xd @ lora_a.t().to(cdtype)).to(lora_a.dtype)    # [N, r], kept in the adapter dtype
         del xd
         y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scaling)
-        ctx.base, ctx.scaling, ctx.p, ctx.x_shape = base, scaling, p, x.shape
+        ctx.base, ctx.scaling, ctx.p, ctx.x_shape, ctx.cdtype = base, scaling, p, x.shape, cdtype
         ctx.save_for_backward(x2, h, lora_a, lora_b, mask if p > 0 else None)
         return y  # 2-D; the caller reshapes (a view made here would forbid in-place ops on it later)
 
     @staticmethod
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return LoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, h, lora_a, lora_b, mask = ctx.saved_tensors
-        base, s, p = ctx.base, ctx.scaling, ctx.p
+        base, s, p, cdtype = ctx.base, ctx.scaling, ctx.p, ctx.cdtype
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        cdtype = base_compute_dtype(base, x2)
         dyc = dy2.to(cdtype)
         g_h = (dyc @ lora_b.to(cdtype)).to(lora_a.dtype) * s          # [N, r] = dL/dh
         grad_x = grad_a = grad_b = None

@@ -18,7 +18,8 @@ function in each modeling file (``apply_rotary_pos_emb``); while any model is pa
 is replaced by a dispatcher which uses dpo_fast's kernel only inside a patched attention module's
 forward and calls the original everywhere else; the original is put back when the last patched model
 is unpatched. Each patched forward falls back to the original one for cases the kernels do not cover
-(merged or disabled adapters, several active adapters, DoRA, 8-bit bases, autocast, ...).
+(merged or disabled adapters, several active adapters, DoRA, 8-bit bases, ...). Under autocast the
+QLoRA linear runs in the autocast dtype, as peft + bitsandbytes do.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def _attention_forward(self, *args: Any, **kwargs: Any):
 
 def _lora_plan(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
     """(A, B, scaling, dropout p) when the fused LoRA op reproduces peft's forward, else None."""
-    if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled():
+    if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
