@@ -134,8 +134,8 @@ for p in "${PHASES[@]}"; do
       # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak
       # memory vs unpatched TRL; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it
       phase step_8b "${STEP8B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.1-8b --step-sizes 2x2048 \
-        --methods trl dpo_fast dpo_fast_all dpo_fast_all_unshared dpo_fast_precomputed_ref --step-warmup 1 \
-        --step-repeats 2 --out "$STAGE/step_8b"
+        --methods trl dpo_fast dpo_fast_all dpo_fast_all_unshared dpo_fast_precomputed_ref --step-warmup 2 \
+        --step-repeats 3 --out "$STAGE/step_8b"
       fold step_8b ;;
     step8bcap)
       # ... and whether that step fits a 16 GB cap (torch.cuda.set_per_process_memory_fraction)
