@@ -159,12 +159,15 @@ def test_patched_qlora_llama_under_autocast(qlora_dir, device):
     model = _qlora_model(qlora_dir, torch.float32, device)
     batch = _batch(device)
     truth = _loss_and_grads(model, batch)
+    dtypes = []  # what a 4-bit LoRA projection hands on: bitsandbytes casts back to the input's dtype
+    model.base_model.model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, o: dtypes.append(o.dtype))
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         want = _loss_and_grads(model, batch)
         patch_body(model)
         ops = _graph_ops(model(**batch).loss)
         got = _loss_and_grads(model, batch)
     assert "LoRALinearFunctionBackward" in ops  # no silent fallback to peft under autocast
+    assert len(set(dtypes)) == 1, dtypes  # the same dtype flow as peft's
     names = sorted(truth[1])
     flat = lambda g: torch.cat([g[n].float().flatten() for n in names])  # noqa: E731
     err_patched, err_unpatched = rel(flat(got[1]), flat(truth[1])), rel(flat(want[1]), flat(truth[1]))

@@ -17,9 +17,10 @@ Precision: the base matmul runs in the base layer's compute dtype (bitsandbytes'
 else x's dtype) like bitsandbytes; the rank-r LoRA products run in the adapter's dtype (peft keeps
 adapters in fp32 by default) but every product that reads an x- or y-sized operand runs in the compute
 dtype with fp32 accumulation (no fp32 copies of activations), as Unsloth does; in fp32 this is exact.
-Under autocast (HF/TRL ``bf16=True``, dpo_fast's trainer on a GPU) the compute dtype and y's dtype are
-the autocast dtype, as they are for peft + bitsandbytes under autocast; the op itself runs with
-autocast off and casts explicitly, so forward and backward use the same precisions.
+Under autocast (HF/TRL ``bf16=True``, dpo_fast's trainer on a GPU) the matmuls run in the autocast dtype
+and y comes out in the dtype peft's forward gives (the autocast dtype over a plain linear, x's dtype
+over bitsandbytes' 4-bit layer, which casts back); the op itself runs with autocast off and casts
+explicitly, so forward and backward use the same precisions.
 """
 from __future__ import annotations
 
@@ -89,11 +90,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, mask: Optional[torch.Tensor]):
-        autocast = torch.is_autocast_enabled(x.device.type)
         cdtype = base_compute_dtype(base, x)
+        # the output dtype of peft's forward: under autocast a plain linear returns the autocast dtype,
+        # while bitsandbytes' Linear4bit casts its output back to the input's dtype
+        autocast_out = torch.is_autocast_enabled(x.device.type) and type(base) is nn.Linear
         with torch.autocast(x.device.type, enabled=False):
             return LoRALinearFunction._forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype,
-                                               cdtype if autocast else x.dtype)
+                                               cdtype if autocast_out else x.dtype)
 
     @staticmethod
     def _forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype):
