@@ -120,6 +120,7 @@ def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, share: bool):
+    """The batch packed one row per pair (`dpo_fast.prefix_sharing.pack_pairs`) when `share`, else None."""
     if not share:
         return None
     from dpo_fast.prefix_sharing import pack_pairs

@@ -78,7 +78,8 @@ def enable(*, body: bool = True, **patch_options: Any) -> None:
 
     Options are those of `dpo_fast.patch` (`body`, `rms_norm`, `rope`, `swiglu`, `qlora_linear`,
     `offload_checkpointing`, `prefix_sharing`). With ``prefix_sharing=True``, DPOTrainer's policy and
-    reference calls run each chosen/rejected pair as one row [prompt | chosen | rejected]. Raises RuntimeError for an unsupported trl version.
+    reference calls run each chosen/rejected pair as one row [prompt | chosen | rejected].
+    Raises RuntimeError for an unsupported trl version.
     """
     from dpo_fast.patching import BODY_OPTIONS
 
