@@ -23,6 +23,8 @@ Methods, each only if importable:
                 pair as one row [prompt | chosen | rejected] only): what each group buys on its own
   dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing + prefix sharing
   dpo_fast_all_unshared  dpo_fast_all without prefix sharing
+  dpo_fast_no_checkpointing  every kernel and prefix sharing with gradient checkpointing off: what skipping
+                the recompute would buy, at the memory of keeping every layer's activations
   dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)
 
 Issue 6's comparison (`benchmarks/step.py` by default, `BODY_STEP_METHODS`): the unpatched baselines
@@ -321,6 +323,27 @@ def _dpo_fast_patch(body: bool, **body_options: bool):
     return ctx
 
 
+def _no_checkpointing(install: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """Context manager factory: `install`'s patch, with every layer's gradient checkpointing off for the block.
+
+    What no recompute at all would buy (an upper bound for partial recompute): the layers keep their
+    activations, so this needs the memory of an uncheckpointed step.
+    """
+    @contextlib.contextmanager
+    def ctx(model: nn.Module) -> Iterator[Any]:
+        with install(model) as info:
+            layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+            for m in layers:
+                m.gradient_checkpointing = False
+            try:
+                yield info
+            finally:
+                for m in layers:
+                    m.gradient_checkpointing = True
+
+    return ctx
+
+
 #: One body group per method: (method name, patch() switch). Each runs with the fused head and only it.
 BODY_GROUPS = (("dpo_fast_rms_norm", "rms_norm"), ("dpo_fast_rope", "rope"), ("dpo_fast_swiglu", "swiglu"),
                ("dpo_fast_qlora_linear", "qlora_linear"), ("dpo_fast_offload", "offload_checkpointing"),
@@ -375,6 +398,10 @@ for _m in (
                _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
                "fused head + every body kernel + offloaded checkpointing + prefix sharing",
                {"body": "all + offload_checkpointing + prefix_sharing", "ref": "on the fly"}),
+    StepMethod("dpo_fast_no_checkpointing", _needs("dpo_fast.dpo", "dpo_fast.patching"),
+               _no_checkpointing(_dpo_fast_patch(True, **{k: k != "offload_checkpointing" for k in _ALL_BODY_SWITCHES})),
+               _dpo_fast_make(False), "every body kernel + prefix sharing, gradient checkpointing off (no recompute)",
+               {"body": "all + prefix_sharing, no checkpointing", "ref": "on the fly"}),
     StepMethod("dpo_fast_all_unshared", _needs("dpo_fast.dpo", "dpo_fast.patching"),
                _dpo_fast_patch(True, **{k: k != "prefix_sharing" for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
                "dpo_fast_all without prefix sharing (what dpo_fast_all was before prefix sharing)",

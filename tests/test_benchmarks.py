@@ -302,7 +302,9 @@ def test_every_step_method_gives_the_unpatched_lora_update_in_4bit(one_torch_thr
                 p.normal_(0.0, 0.05)
     start = {n: p.detach().clone() for n, p in trainable.items()}
     batch = ms.make_batch(shape.vocab_size, 1, 13, torch.device("cpu"))
-    names = [m for m in ms.BODY_STEP_METHODS if ms.STEP_REGISTRY[m].unavailable(torch.device("cpu")) is None]
+    extra = ("dpo_fast_all_unshared", "dpo_fast_no_checkpointing")
+    names = [m for m in ms.BODY_STEP_METHODS + extra if ms.STEP_REGISTRY[m].unavailable(torch.device("cpu")) is None]
+    layers = model.get_base_model().model.layers
     updates = {}
     for name in names:
         with torch.no_grad():
@@ -313,6 +315,7 @@ def test_every_step_method_gives_the_unpatched_lora_update_in_4bit(one_torch_thr
         with method.install(model):
             method.make(model, batch, opt)()
         assert not is_patched(model), name
+        assert all(layer.gradient_checkpointing for layer in layers), name  # restored after every method
         updates[name] = {n: start[n] - p.detach() for n, p in trainable.items()}
         for n, u in updates[name].items():
             assert torch.isfinite(u).all() and u.abs().max() > 0, (name, n)
