@@ -55,6 +55,13 @@ RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSyn
 _GAP_BUCKETS = ((0.01, "<10us"), (0.1, "10-100us"), (1.0, "0.1-1ms"), (float("inf"), ">=1ms"))
 
 
+def is_device_activity(evt: Any) -> bool:
+    """A kernel, copy or memset on the GPU: not a CPU op, and not a GPU-side range of a user annotation
+    (record_function, e.g. ``Optimizer.step#AdamW.step``), which spans kernels and gaps and would count
+    them twice or hide the gaps."""
+    return evt.device_type == torch.autograd.DeviceType.CUDA and not getattr(evt, "is_user_annotation", False)
+
+
 def gpu_idle(kernels: Sequence[Tuple[float, float, str]], top: int = 10) -> Dict[str, Any]:
     """Where the GPU waits inside a profiled step, from its kernels' (start_us, end_us, name), any stream.
 
@@ -139,7 +146,7 @@ def profile_method(model, method_name: str, batch, device: torch.device, top: in
     intervals = []
     for evt in events:
         if on_device:
-            if evt.device_type != torch.autograd.DeviceType.CUDA:
+            if not is_device_activity(evt):
                 continue
             us = evt.time_range.elapsed_us()
             intervals.append((evt.time_range.start, evt.time_range.end, evt.name))

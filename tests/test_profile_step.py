@@ -77,3 +77,15 @@ def test_runtime_calls_counts_syncs_and_allocations():
     assert calls["cudaMalloc"] == {"count": 1, "ms": pytest.approx(2.0)}
     assert calls["cudaMemcpyAsync"]["count"] == 1 and calls["cudaLaunchKernel"]["count"] == 1
     assert "aten::mm" not in calls
+
+
+def test_device_activity_skips_cpu_ops_and_user_annotation_ranges():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    class Evt:
+        def __init__(self, device_type, annotation=False):
+            self.device_type, self.is_user_annotation = device_type, annotation
+
+    assert profile_step.is_device_activity(Evt(cuda))
+    assert not profile_step.is_device_activity(Evt(cpu))
+    assert not profile_step.is_device_activity(Evt(cuda, annotation=True))  # e.g. Optimizer.step#AdamW.step
