@@ -574,20 +574,6 @@ def check_patched_model(rec: Recorder, dev: torch.device, quantize: bool, offloa
     rec.record(f"{name}/LoRA grads (worst of {len(want)})", worst, FP32_TOL)
 
 
-def _preference_batch(vocab: int, dev: torch.device, prompts: Sequence[int], chosen: Sequence[int],
-                      rejected: Sequence[int], length: int) -> Dict[str, torch.Tensor]:
-    """A right-padded TRL-layout batch; pair i shares prompts[i] tokens, then has its own completions."""
-    b = len(prompts)
-    ids = torch.randint(0, vocab, (2 * b, length), device=dev)
-    am, cm = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        ids[b + i, :p] = ids[i, :p]
-        ids[b + i, p] = (ids[i, p] + 1) % vocab
-        am[i, :p + c], am[b + i, :p + r] = 1, 1
-        cm[i, p:p + c], cm[b + i, p:p + r] = 1, 1
-    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
-
-
 def check_prefix_sharing(rec: Recorder, dev: torch.device, quantize: bool, dtype: torch.dtype) -> None:
     """Prefix sharing (packed [prompt | chosen | rejected] rows, two causal SDPA calls per layer) against
     TRL's two-row layout: the tiny benchmark Llama with every body kernel patched, checkpointing on.
@@ -600,7 +586,7 @@ def check_prefix_sharing(rec: Recorder, dev: torch.device, quantize: bool, dtype
     import dpo_fast
     from dpo_fast.dpo import compute_dpo_loss
 
-    from benchmarks.methods_step import build_model
+    from benchmarks.methods_step import build_model, make_pair_batch
     from benchmarks.models import get_model
 
     shape = get_model("tiny")
@@ -611,7 +597,7 @@ def check_prefix_sharing(rec: Recorder, dev: torch.device, quantize: bool, dtype
         for n, prm in model.named_parameters():
             if "lora_B" in n:
                 prm.normal_(0, 0.05)
-    batch = _preference_batch(shape.vocab_size, dev, [9, 0, 23], [30, 17, 4], [12, 41, 20], 64)
+    batch = make_pair_batch(shape.vocab_size, [9, 0, 23], [30, 17, 4], [12, 41, 20], 64, dev)
 
     def run(net, **kw):
         net.zero_grad(set_to_none=True)

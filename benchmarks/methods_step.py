@@ -38,7 +38,7 @@ import importlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +156,26 @@ def make_batch(vocab: int, pairs: int, seq_len: int, device: torch.device, *,
     if not 0.0 <= prompt_fraction < 1.0:
         raise ValueError(f"prompt_fraction must be in [0, 1), got {prompt_fraction}")
     prompt = max(1, int(seq_len * prompt_fraction))
-    ids = torch.randint(0, vocab, (2 * pairs, seq_len), device=device)
-    ids[pairs:, :prompt] = ids[:pairs, :prompt]
-    completion = torch.ones_like(ids)
-    completion[:, :prompt] = 0
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
+    completion = [seq_len - prompt] * pairs
+    return make_pair_batch(vocab, [prompt] * pairs, completion, completion, seq_len, device)
+
+
+def make_pair_batch(vocab: int, prompts: Sequence[int], chosen: Sequence[int], rejected: Sequence[int],
+                    length: int, device: Union[str, torch.device]) -> Dict[str, torch.Tensor]:
+    """Right-padded TRL layout [chosen; rejected] of random tokens: pair i shares prompts[i] tokens, then has
+    chosen[i] and rejected[i] completion tokens (their first tokens differ when both exist)."""
+    b = len(prompts)
+    ids = torch.randint(0, vocab, (2 * b, length), device=device)
+    am, cm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        if p + max(c, r) > length:
+            raise ValueError(f"pair {i}: prompt {p} + completion {max(c, r)} exceeds length {length}")
+        ids[b + i, :p] = ids[i, :p]
+        if c and r:
+            ids[b + i, p] = (ids[i, p] + 1) % vocab
+        am[i, :p + c], am[b + i, :p + r] = 1, 1
+        cm[i, p:p + c], cm[b + i, p:p + r] = 1, 1
+    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
 
 
 # ---------------------------------------------------------------------------------- loss paths

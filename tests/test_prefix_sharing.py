@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dpo_fast
+from benchmarks.methods_step import make_pair_batch
 from dpo_fast.dpo import compute_dpo_loss, sequence_logps
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
@@ -29,21 +30,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def preference_batch(prompts, chosen, rejected, length, vocab=VOCAB, device="cpu"):
-    """Right-padded TRL layout; pair i has prompts[i] shared tokens, then its own completions."""
-    b = len(prompts)
-    ids = torch.randint(0, vocab, (2 * b, length), device=device)
-    am = torch.zeros_like(ids)
-    cm = torch.zeros_like(ids)
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        ids[b + i, :p] = ids[i, :p]
-        if c and r:  # completions that differ from their first token (else the shared prefix would grow)
-            ids[b + i, p] = (ids[i, p] + 1) % vocab
-        am[i, :p + c] = 1
-        am[b + i, :p + r] = 1
-        cm[i, p:p + c] = 1
-        cm[b + i, p:p + r] = 1
-    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+def preference_batch(prompts, chosen, rejected, length):
+    """Right-padded TRL layout of random tokens; pair i has prompts[i] shared tokens, then its own completions."""
+    return make_pair_batch(VOCAB, prompts, chosen, rejected, length, "cpu")
 
 
 def random_layout(b, length):
