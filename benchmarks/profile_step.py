@@ -8,12 +8,17 @@ category (GEMM, nf4 dequantize, attention, dpo_fast's Triton kernels, copies, th
 optimisation goes where the time is. On CUDA it also reports when the GPU waits (the gaps between kernels,
 by size, and the largest ones) and the CUDA runtime's syncs and allocations during the step. Then, on CUDA with bitsandbytes, the dequantize-then-cuBLAS split of
 each of the shape's projections at --size's token count: what a fused nf4 dequant+matmul could save at
-most is the dequantize share. Without CUDA the same code runs on the tiny CPU model (CPU op times; not GPU
-numbers). Writes profile.json under --out.
+most is the dequantize share. Last, the issue floor: the same methods' step time on a model of the shape's
+depth and vocabulary but 256 wide (`narrow`), where the GPU's own work is negligible, so the time is what the
+CPU needs to issue one step. A floor near the full step's GPU busy time means the GPU waits for the CPU
+(fewer launches and less Python per layer help); a floor far below it means the gaps are syncs or copies.
+Without CUDA the same code runs on the tiny CPU model (CPU op times; not GPU numbers). Writes profile.json
+under --out.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,9 +31,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, free_memory, resolve_device  # noqa: E402
+from benchmarks.common import environment, free_memory, resolve_device, time_ms  # noqa: E402
 from benchmarks.methods_step import STEP_REGISTRY, bnb_has_cuda, build_model, make_batch  # noqa: E402
-from benchmarks.models import MODELS, default_dtype, get_model  # noqa: E402
+from benchmarks.models import MODELS, ModelShape, default_dtype, get_model  # noqa: E402
 from benchmarks.suite import parse_size  # noqa: E402
 
 #: kernel-name fragments per category, first match wins (lower-case)
@@ -217,12 +222,60 @@ def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.d
     return rows
 
 
+NARROW_WIDTH = 256
+
+
+def narrow(shape: ModelShape, width: int = NARROW_WIDTH) -> ModelShape:
+    """`shape` with its depth, vocabulary and GQA ratio but a `width`-wide body (heads of 64, MLP 2x width).
+
+    A step of it runs the same modules, ops and kernel launches per layer as `shape`'s while the GPU's
+    share of the work all but vanishes, so its step time is the CPU's time to issue such a step."""
+    width = min(width, shape.hidden_size)
+    heads = max(1, width // 64)
+    kv = max(1, heads * shape.num_key_value_heads // shape.num_attention_heads)
+    return dataclasses.replace(shape, name=f"{shape.name}@{width}", hidden_size=width, intermediate_size=2 * width,
+                               num_attention_heads=heads, num_key_value_heads=kv)
+
+
+def issue_floor(shape: ModelShape, methods: Sequence[str], pairs: int, seq: int, device: torch.device,
+                dtype: torch.dtype, *, warmup: int = 2, repeats: int = 3) -> Dict[str, Any]:
+    """Median step ms of each method on `narrow(shape)` at the same batch: the CPU's issue time per step."""
+    small = narrow(shape)
+    out: Dict[str, Any] = dict(shape=small.name, hidden_size=small.hidden_size, layers=small.num_hidden_layers,
+                               step_ms={})
+    model = build_model(small, device, dtype)
+    batch = make_batch(small.vocab_size, pairs, seq, device)
+    try:
+        for name in methods:
+            method = STEP_REGISTRY[name]
+            if method.unavailable(device):
+                continue
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            try:
+                with method.install(model):
+                    out["step_ms"][name] = time_ms(method.make(model, batch, opt), device, warmup=warmup,
+                                                   repeats=repeats)
+            except Exception as exc:  # one method failing leaves the others' floors
+                out["step_ms"][name] = None
+                out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+                del opt
+    finally:
+        del model, batch
+        free_memory(device)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/profile_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(MODELS), help="model shape (default llama-3.1-8b on GPU, tiny on CPU)")
     p.add_argument("--size", type=parse_size, default=(2, 2048), help="PAIRSxSEQ_LEN (default 2x2048)")
     p.add_argument("--methods", nargs="+", default=["trl", "dpo_fast", "dpo_fast_all"], choices=sorted(STEP_REGISTRY))
     p.add_argument("--top", type=int, default=15, help="kernels listed per method")
+    p.add_argument("--no-issue-floor", dest="issue_floor", action="store_false",
+                   help="skip timing the methods on the narrow model of the same depth (the CPU issue floor)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=os.path.join("bench_out", "profile"))
     args = p.parse_args(argv)
@@ -236,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pairs, seq = args.size
     report: Dict[str, Any] = dict(environment=environment(device), shape=shape_name, pairs=pairs, seq_len=seq,
                                   command=" ".join([os.path.basename(sys.argv[0])] + list(argv or sys.argv[1:])),
-                                  methods=[], nf4=None)
+                                  methods=[], nf4=None, issue_floor=None)
     model = build_model(get_model(shape_name), device, dtype)
     batch = make_batch(get_model(shape_name).vocab_size, pairs, seq, device)
     for name in args.methods:
@@ -280,6 +333,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"   {r['proj']:13s} {r['in_features']:6d}->{r['out_features']:<6d} dequant {r['dequant_ms']:7.3f} ms"
                   f"  gemm {r['gemm_ms']:7.3f} ms  both {r['dequant_then_gemm_ms']:7.3f} ms"
                   f"  dequant share {100 * r['dequant_share']:5.1f}%")
+    if args.issue_floor:
+        try:
+            floor = report["issue_floor"] = issue_floor(get_model(shape_name), args.methods, pairs, seq, device, dtype)
+        except Exception as exc:
+            print(f"issue floor failed: {type(exc).__name__}: {exc}")
+            floor = report["issue_floor"] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+        busy = {m["method"]: (m.get("idle") or {}).get("busy_ms") for m in report["methods"]}
+        if "step_ms" in floor:
+            print(f"\nissue floor: the same step on {floor['shape']} ({floor['layers']} layers, "
+                  f"{floor['hidden_size']} wide), where the device has almost nothing to do:")
+            for name, ms in floor["step_ms"].items():
+                vs = f"   (full step's GPU busy time {busy[name]:.1f} ms)" if busy.get(name) else ""
+                print(f"   {name:28s} {'failed' if ms is None else f'{ms:9.1f} ms'}{vs}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "profile.json")
     with open(path, "w") as fh:

@@ -152,7 +152,8 @@ for p in "${PHASES[@]}"; do
         --step-warmup 1 --step-repeats 2 --out "$STAGE/step_8b_p50"
       fold step_8b_p50 ;;
     profile)
-      # where the 8B step's GPU time goes (trl vs dpo_fast_all), and the nf4 dequantize share per projection
+      # where the 8B step's GPU time goes (trl, dpo_fast, dpo_fast_all), when the GPU waits, the nf4 dequantize
+      # share per projection, and the issue floor (the same steps 256 wide: how long the CPU takes to issue one)
       phase profile "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_step.py --out "$STAGE/profile"
       fold profile ;;
     step1b)

@@ -260,6 +260,37 @@ def test_qlora_linear_matches_peft_module(kind, device):
         assert rel(got, want) < 1e-5
 
 
+def test_qlora_linear_casts_each_operand_once(device):
+    """bf16 compute over fp32 adapters (peft's default): forward casts A and B once each, backward only
+    brings grad_A and grad_B back to fp32. Each cast is a kernel launch on a GPU, and the op runs 7
+    times per layer and pass, so an extra round trip here is thousands of launches per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] == "_to_copy":
+                self.casts.append((args[0].dtype, (kwargs or {}).get("dtype"), tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    base = _base_layer("linear", 72, 40, bias=False, dtype=torch.bfloat16, device=device)
+    a, bw = leaf(torch.randn(8, 72, device=device)), leaf(torch.randn(40, 8, device=device))
+    x = leaf(torch.randn(3, 13, 72, device=device).bfloat16())
+    fwd, bwd = Casts(), Casts()
+    with fwd:
+        y = lora_linear(x, base, a, bw, 2.0)
+    with bwd:
+        y.backward(torch.randn_like(y))
+    assert sorted(fwd.casts) == sorted([(torch.float32, torch.bfloat16, (8, 72)),
+                                        (torch.float32, torch.bfloat16, (40, 8))])
+    assert sorted(bwd.casts) == sorted([(torch.bfloat16, torch.float32, (8, 72)),
+                                        (torch.bfloat16, torch.float32, (40, 8))])
+    assert x.grad.dtype == torch.bfloat16 and a.grad.dtype == bw.grad.dtype == torch.float32
+
+
 def test_qlora_linear_rejects_trainable_base(device):
     base = nn.Linear(8, 4, device=device)
     with pytest.raises(TypeError, match="frozen"):
@@ -314,6 +345,47 @@ def test_offloaded_checkpoint_matches_plain_forward(input_requires_grad, device)
     assert len(g1) == len(g0)
     for a, b in zip(g1, g0):
         assert rel(a, b) < 1e-12  # same dropout masks in the recompute (RNG restored)
+
+
+def test_offloaded_checkpoint_prefetches_the_next_layer_input(monkeypatch, device):
+    """Backward copies layer k-1's parked input back while layer k runs: every layer but the first one
+    back-propagated finds its input already on the way; a dropped graph frees its parked inputs."""
+    import gc
+
+    from dpo_fast.ops import offload_checkpoint as oc
+
+    log = []
+    take = oc._Parked.take
+
+    def spy(self):
+        log.append((self.index, self.back is not None))
+        return take(self)
+
+    monkeypatch.setattr(oc._Parked, "take", spy)
+    d = 16
+    blocks = nn.ModuleList([_Block(d) for _ in range(4)]).to(device).double().train()
+    x = torch.randn(2, 3, d, device=device, dtype=torch.float64)
+    out = x
+    for i, blk in enumerate(blocks):
+        out = offloaded_checkpoint(blk.forward, out, 0.5)
+        oc._Parked._last().index = i
+    out.sum().backward()
+    assert log == [(3, False), (2, True), (1, True), (0, True)]
+    assert all(b.lora.weight.grad is not None for b in blocks)
+
+    out = offloaded_checkpoint(blocks[0].forward, x, 0.5)
+    assert oc._Parked._last() is not None
+    del out
+    gc.collect()
+    assert oc._Parked._last() is None  # nothing keeps a dropped graph's host copy alive
+
+
+def test_offloaded_checkpoint_rejects_a_second_backward(device):
+    blk = _Block(8).to(device).double()
+    out = offloaded_checkpoint(blk.forward, torch.randn(2, 8, device=device, dtype=torch.float64), 0.5)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.sum().backward()
 
 
 def test_offloaded_checkpoint_needs_tensor_input():

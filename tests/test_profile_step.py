@@ -33,6 +33,21 @@ def test_profile_step_on_cpu_writes_a_breakdown(tmp_path, one_torch_thread):
         assert sum(m["categories"].values()) == pytest.approx(m["kernel_ms"], rel=1e-6)
         assert m["top"] and all(k["ms"] >= 0 and k["calls"] >= 1 for k in m["top"])
         assert any(k["category"] == "gemm" for k in m["top"]), m["top"]  # the step's matmuls are seen
+    floor = report["issue_floor"]
+    assert floor["layers"] == 2 and set(floor["step_ms"]) == {"trl", "dpo_fast"}, floor
+    assert all(ms > 0 for ms in floor["step_ms"].values()) and "errors" not in floor
+
+
+def test_narrow_keeps_depth_vocabulary_and_gqa():
+    from benchmarks.models import get_model
+
+    big = get_model("llama-3.1-8b")
+    small = profile_step.narrow(big)
+    assert (small.num_hidden_layers, small.vocab_size, small.tie_word_embeddings) == (32, big.vocab_size, False)
+    assert (small.hidden_size, small.intermediate_size) == (256, 512)
+    assert (small.num_attention_heads, small.num_key_value_heads) == (4, 1)  # 64-wide heads, GQA 4:1 as 32:8
+    small.config()  # a valid transformers config
+    assert profile_step.narrow(get_model("tiny")).hidden_size == 64  # never wider than the shape itself
 
 
 def test_nf4_split_times_dequantize_and_gemm(one_torch_thread):

@@ -4,7 +4,9 @@
 copies `hidden_states` (the decoder layer's input, the only per-layer tensor plain checkpointing
 keeps on the GPU) into pinned host memory on a side CUDA stream, and in backward copies it back,
 recomputes the layer with gradients and back-propagates through it. GPU memory held between forward
-and backward drops from ``layers x tokens x hidden`` to nothing; the copies overlap with compute.
+and backward drops from ``layers x tokens x hidden`` to nothing; the copies overlap with compute: in
+backward, the input of the layer that comes next is copied back while the current one runs (one
+layer input of GPU memory), so the GPU does not wait for the host.
 
 It has the signature transformers expects of ``_gradient_checkpointing_func`` (it is called as
 ``func(partial(layer.forward, **kwargs), *args)``; checkpoint keyword arguments such as
@@ -14,6 +16,7 @@ autocast state are restored for the recompute, so dropout masks match. Works on 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -28,29 +31,61 @@ def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
     return stream
 
 
-def _offload(x: torch.Tensor):
-    """Start an async copy of x to (pinned) host memory; returns (host tensor, event or None)."""
-    if not x.is_cuda:
-        return x.detach().clone(), None
-    host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
-    stream = _copy_stream(x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream):
-        host.copy_(x.detach(), non_blocking=True)
-        x.record_stream(stream)  # keep x's memory alive until the copy is done
-    return host, stream
+class _Parked:
+    """One layer input parked in host memory, and its way back.
 
+    Backward runs the layers in the reverse order of forward, so while layer k is recomputed and
+    back-propagated, the input of layer k-1 (the layer forward ran just before k, `previous`) is
+    already being copied back on the side stream: the GPU never waits for a reload. Each parked
+    input knows the one parked before it (a weak reference, so a graph that is dropped frees its
+    memory); a prefetch for a layer whose backward never comes is only a wasted copy.
+    """
 
-def _reload(host: torch.Tensor, device: torch.device, stream) -> torch.Tensor:
-    """Copy a host tensor back to `device` and make the current stream wait for it."""
-    if device.type != "cuda":
-        return host
-    copy_stream = stream or _copy_stream(device)
-    with torch.cuda.stream(copy_stream):
-        x = host.to(device, non_blocking=True)
-    torch.cuda.current_stream(device).wait_stream(copy_stream)
-    x.record_stream(torch.cuda.current_stream(device))
-    return x
+    _last: "Optional[weakref.ref]" = None   # the input parked most recently (process-wide: a wrong guess
+                                            # only reloads an input early)
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.device = x.device
+        self.previous = _Parked._last
+        _Parked._last = weakref.ref(self)
+        self.back: Optional[torch.Tensor] = None   # the reloaded copy, once issued
+        self.event = None                          # CUDA: the copy stream's event after the reload
+        if not x.is_cuda:
+            self.host, self.stream = x.detach().clone(), None
+            return
+        # pinned host memory (PyTorch's caching host allocator: no cudaHostAlloc after the first step)
+        self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+        self.stream = _copy_stream(x.device)
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.stream):
+            self.host.copy_(x.detach(), non_blocking=True)
+            x.record_stream(self.stream)  # keep x's memory alive until the copy is done
+
+    def prefetch(self) -> None:
+        """Start copying the input back to its device (once)."""
+        if self.back is not None or self.host is None:
+            return
+        if self.stream is None:
+            self.back = self.host
+        else:
+            with torch.cuda.stream(self.stream):
+                self.back = self.host.to(self.device, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(self.stream)
+        self.host = None  # the pinned block goes back to the caching allocator once the copy is done
+
+    def take(self) -> torch.Tensor:
+        """The input on its device, usable on the current stream; prefetches the previous layer's input."""
+        self.prefetch()
+        x, self.back = self.back, None
+        if self.event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.event)
+            x.record_stream(current)
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None:
+            previous.prefetch()
+        return x
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -65,7 +100,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if hidden.device.type in ("cuda", "cpu") else (False, None)
         with torch.no_grad():
             outputs = run_function(hidden, *args)
-        ctx.host, ctx.stream = _offload(hidden)
+        ctx.parked = _Parked(hidden)
         tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.tensor_idx = tensor_idx
         ctx.args = [None if i in tensor_idx else a for i, a in enumerate(args)]
@@ -74,8 +109,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        hidden = _reload(ctx.host, ctx.device, ctx.stream)
-        ctx.host = None
+        if ctx.parked is None:
+            raise RuntimeError("offloaded_checkpoint: a layer's backward ran twice (retain_graph=True); its "
+                               "parked input was already used. Use plain gradient checkpointing for that.")
+        hidden = ctx.parked.take()
+        ctx.parked = None
         hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
         args: List[Any] = list(ctx.args)
         saved = ctx.saved_tensors

@@ -3,10 +3,12 @@
     y = x W^T (+ bias) + scaling * (dropout(x) A^T) B^T
 
 Forward dequantizes W (``bitsandbytes.functional.dequantize_4bit`` for nf4/fp4, double quant
-included) and multiplies with cuBLAS; it saves only x (plus a bool dropout mask when dropout > 0)
-and the tiny [N, r] product ``dropout(x) A^T``. Backward dequantizes W again for ``grad_x`` and
-computes gradients for A and B only: the base weight and bias are frozen, so no grad_W is formed.
-Autograd through peft + bitsandbytes instead keeps the LoRA branch's intermediates and casts.
+included) and multiplies with cuBLAS; it saves only x (plus a bool dropout mask when dropout > 0),
+the tiny [N, r] product ``dropout(x) A^T`` and the rank-r adapters in the compute dtype. Backward
+dequantizes W again for ``grad_x`` and computes gradients for A and B only: the base weight and bias
+are frozen, so no grad_W is formed. Autograd through peft + bitsandbytes instead keeps the LoRA
+branch's intermediates and casts. Each operand is cast once, where it is made: on a GPU every cast is
+a kernel launch the CPU has to issue, and a step runs this op 7 times per layer and pass.
 
 Dequantize-then-matmul is used on every device, by measurement: in an 8B QLoRA DPO step on an H200
 (benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of the GPU time while the
@@ -24,6 +26,7 @@ explicitly, so forward and backward use the same precisions.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -31,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@functools.lru_cache(maxsize=None)
 def _bnb_linear4bit_type():
+    """bitsandbytes' Linear4bit class, or None; looked up once (this op runs 7 times per layer and pass)."""
     try:
         import bitsandbytes as bnb
     except Exception:  # pragma: no cover - bitsandbytes is optional
@@ -102,16 +107,21 @@ class LoRALinearFunction(torch.autograd.Function):
     def _forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
+        xc = x2.to(cdtype)
         w = dense_weight(base, cdtype)
         bias = base.bias.to(cdtype) if base.bias is not None else None
-        y = F.linear(x2.to(cdtype), w, bias).to(out_dtype)
+        y = F.linear(xc, w, bias).to(out_dtype)
         del w
-        xd = _dropped(x2, mask, p).to(cdtype)
-        h = (xd @ lora_a.t().to(cdtype)).to(lora_a.dtype)    # [N, r], kept in the adapter dtype
-        del xd
-        y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scaling)
+        xd = xc if p == 0 else _dropped(x2, mask, p).to(cdtype)
+        a_c, b_c = lora_a.to(cdtype), lora_b.to(cdtype)
+        # [N, r] in the compute dtype: every later use (the addmm below, grad_b) reads it in that dtype
+        h = xd @ a_c.t()
+        del xd, xc
+        y.addmm_(h.to(y.dtype), b_c.t().to(y.dtype), alpha=scaling)
         ctx.base, ctx.scaling, ctx.p, ctx.x_shape, ctx.cdtype = base, scaling, p, x.shape, cdtype
-        ctx.save_for_backward(x2, h, lora_a, lora_b, mask if p > 0 else None)
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        # the adapters' compute-dtype copies (rank-r, small) go to backward too, so it casts nothing
+        ctx.save_for_backward(x2, h, a_c, b_c, mask if p > 0 else None)
         return y  # 2-D; the caller reshapes (a view made here would forbid in-place ops on it later)
 
     @staticmethod
@@ -121,28 +131,28 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
-        x2, h, lora_a, lora_b, mask = ctx.saved_tensors
+        x2, h, a_c, b_c, mask = ctx.saved_tensors
         base, s, p, cdtype = ctx.base, ctx.scaling, ctx.p, ctx.cdtype
+        a_dtype, b_dtype = ctx.adapter_dtypes
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dyc = dy2.to(cdtype)
-        g_h = (dyc @ lora_b.to(cdtype)).to(lora_a.dtype) * s          # [N, r] = dL/dh
+        g_h = (dyc @ b_c).mul_(s)                                  # [N, r] = dL/dh, compute dtype
         grad_x = grad_a = grad_b = None
-        if need_a or need_b:
-            if need_b:
-                grad_b = (dyc.t() @ h.to(cdtype)).to(lora_b.dtype) * s  # [out, r]
-            if need_a:
-                xd = _dropped(x2, mask, p).to(cdtype)
-                grad_a = (g_h.t().to(cdtype) @ xd).to(lora_a.dtype)   # [r, in]
-                del xd
+        if need_b:
+            grad_b = (dyc.t() @ h).to(b_dtype).mul_(s)             # [out, r]
+        if need_a:
+            xd = _dropped(x2, mask, p).to(cdtype)
+            grad_a = (g_h.t() @ xd).to(a_dtype)                    # [r, in]
+            del xd
         if need_x:
             w = dense_weight(base, cdtype)
             grad_x = dyc @ w
             del w
             if p == 0:
-                grad_x.addmm_(g_h.to(cdtype), lora_a.to(cdtype))
+                grad_x.addmm_(g_h, a_c)
             else:
-                grad_x += _dropped(g_h.to(cdtype) @ lora_a.to(cdtype), mask, p)
+                grad_x += _dropped(g_h @ a_c, mask, p)
             grad_x = grad_x.to(x2.dtype).view(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None, None, None
 
