@@ -89,16 +89,23 @@ def test_optimizer_groups_and_warmup_cosine_schedule():
 
 # ------------------------------------------------------------------------------------ training runs
 def test_short_dpo_run_learns_and_writes_outputs(tok, tmp_path):
-    cfg = make_cfg(tok, tmp_path, n_rows=320, eval_fraction=0.25, max_steps=40, lr=6e-3, beta=0.5, plot=True,
+    # 240 training and 160 held-out pairs. Over 350 fresh seeds of exactly this run (CPU, 2026-11-27) the
+    # smallest values were: held-out accuracy 0.588 (mean 0.715), margin 0.042, held-out loss drop 0.017,
+    # train loss drop (mean of the last 10 steps) 0.042. The bounds below sit at about half of those. A rare
+    # draw learns slowly (one seed in about 400 reached 0.53 accuracy at each of lr 4e-3, 6e-3 and 1.2e-2);
+    # the earlier version (80 held-out pairs, lr 6e-3, a 5-step mean) failed 2 of 200 seeded runs.
+    cfg = make_cfg(tok, tmp_path, n_rows=400, eval_fraction=0.4, max_steps=40, lr=4e-3, beta=0.5, plot=True,
                    save_steps=20, eval_steps=20)
     result = train(cfg, tokenizer=tok, log=lambda s: None)
     losses = [r["loss"] for r in result.history]
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # fresh LoRA: policy == reference
-    assert sum(losses[-5:]) / 5 < losses[0] - 0.04  # measured drop over 6 seeds: 0.10-0.13
-    assert result.initial_eval_metrics["eval_rewards/accuracies"] == 0.0  # all rewards 0: no strict wins
-    assert result.eval_metrics["eval_rewards/accuracies"] > 0.55  # chance is 0.5; measured 0.64-0.78
-    assert result.eval_metrics["eval_rewards/margins"] > 0.0
+    assert sum(losses[-10:]) / 10 < losses[0] - 0.02
+    first, last = result.initial_eval_metrics, result.eval_metrics
+    assert first["eval_rewards/accuracies"] == 0.0  # all rewards 0: no strict wins
+    assert last["eval_rewards/accuracies"] > 0.55  # chance is 0.5
+    assert last["eval_rewards/margins"] > 0.02
+    assert last["eval_loss"] < first["eval_loss"] - 0.008
     records = read_metrics(result.metrics_path)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 41))
