@@ -6,12 +6,14 @@
 For each method: one warm-up step, then one profiled step; the device kernels are summed by name and by
 category (GEMM, nf4 dequantize, attention, dpo_fast's Triton kernels, copies, the rest), so the next
 optimisation goes where the time is. On CUDA it also reports when the GPU waits (the gaps between kernels,
-by size, and the largest ones) and the CUDA runtime's syncs and allocations during the step. Then, on CUDA with bitsandbytes, the dequantize-then-cuBLAS split of
-each of the shape's projections at --size's token count: what a fused nf4 dequant+matmul could save at
-most is the dequantize share. Last, the issue floor: the same methods' step time on a model of the shape's
-depth and vocabulary but 256 wide (`narrow`), where the GPU's own work is negligible, so the time is what the
-CPU needs to issue one step. A floor near the full step's GPU busy time means the GPU waits for the CPU
-(fewer launches and less Python per layer help); a floor far below it means the gaps are syncs or copies.
+by size, and the largest ones) and the CUDA runtime's syncs and allocations during the step. Then, on
+CUDA with bitsandbytes, the dequantize-then-cuBLAS split of each of the shape's projections at --size's
+token count (what a fused nf4 dequant+matmul could save at most is the dequantize share), and the base
+GEMM plus LoRA term with the LoRA term added after the GEMM or first. Last, the issue floor: the same
+methods' step time on a model of the shape's depth and vocabulary but 256 wide (`narrow`), where the GPU's
+own work is negligible, so the time is what the CPU needs to issue one step. A floor near the full step's
+GPU busy time means the GPU waits for the CPU (fewer launches and less Python per layer help); a floor far
+below it means the gaps are syncs or copies, or that the kernels themselves ran slower than when profiled.
 Without CUDA the same code runs on the tiny CPU model (CPU op times; not GPU numbers). Writes profile.json
 under --out.
 """
@@ -193,7 +195,8 @@ def _timed_ms(fn, device: torch.device, repeats: int) -> float:
 
 def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.dtype,
               repeats: int = 20) -> List[Dict[str, Any]]:
-    """Per projection shape: ms of dequantize_4bit, of the dense GEMM, and of both (needs bitsandbytes)."""
+    """Per projection shape: ms of dequantize_4bit, of the dense GEMM, and of both (needs bitsandbytes); and
+    base GEMM + LoRA term (r=16) with the LoRA term added after the GEMM or first, the GEMM accumulating onto it."""
     import bitsandbytes.functional as bnbF
     from torch import nn
 
@@ -214,10 +217,25 @@ def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.d
         deq = _timed_ms(lambda: bnbF.dequantize_4bit(w4, qs), device, repeats)
         mm = _timed_ms(lambda: x @ w.t(), device, repeats)
         both = _timed_ms(lambda: x @ bnbF.dequantize_4bit(w4, qs).t(), device, repeats)
+        # the LoRA term (r = 16) added after the base GEMM (a read-modify-write pass over y), or computed
+        # first with the base GEMM accumulating onto it (beta=1), which dpo_fast.ops.qlora_linear does
+        h = torch.randn(tokens, 16, device=device, dtype=dtype)
+        b = torch.randn(out, 16, device=device, dtype=dtype) / 4
+        y = torch.empty(tokens, out, device=device, dtype=dtype)
+
+        def lora_after():
+            torch.mm(x, w.t(), out=y)
+            y.addmm_(h, b.t(), alpha=2.0)
+
+        def lora_first():
+            y.addmm_(h, b.t(), beta=0, alpha=2.0)
+            y.addmm_(x, w.t())
+
+        after, first = _timed_ms(lora_after, device, repeats), _timed_ms(lora_first, device, repeats)
         rows.append(dict(proj=label, in_features=inp, out_features=out, tokens=tokens, weight_dtype=str(w.dtype),
                          dequant_ms=deq, gemm_ms=mm, dequant_then_gemm_ms=both,
-                         dequant_share=deq / both if both else None))
-        holder = w4 = qs = x = w = None  # free before the next projection
+                         dequant_share=deq / both if both else None, lora_after_ms=after, lora_first_ms=first))
+        holder = w4 = qs = x = w = h = b = y = None  # free before the next projection
         free_memory(device)
     return rows
 
@@ -312,8 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"     {k['ms']:9.2f} ms {k['calls']:6d}x  [{k['category']}] {k['name'][:110]}")
         idle = r.get("idle")
         if idle:
-            print(f"   GPU busy {idle['busy_ms']:.1f} ms of a {idle['span_ms']:.1f} ms span: idle {idle['idle_ms']:.1f} ms; "
-                  "gaps " + ", ".join(f"{k}: {v['count']} ({v['ms']:.1f} ms)" for k, v in idle["buckets"].items()))
+            print(f"   GPU busy {idle['busy_ms']:.1f} ms of a {idle['span_ms']:.1f} ms span: "
+                  f"idle {idle['idle_ms']:.1f} ms; gaps "
+                  + ", ".join(f"{k}: {v['count']} ({v['ms']:.1f} ms)" for k, v in idle["buckets"].items()))
             for g in idle["top"][:5]:
                 print(f"     gap {g['ms']:7.2f} ms at {g['at_ms']:8.1f} ms: {g['before'][:45]} -> {g['after'][:45]}")
         if r.get("runtime"):
@@ -328,11 +347,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"nf4 split failed: {type(exc).__name__}: {exc}")
             report["nf4"] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
     if isinstance(report["nf4"], list):
-        print(f"\nnf4 dequantize vs GEMM at {2 * pairs * seq} tokens ({shape_name}, bf16):")
+        print(f"\nnf4 dequantize vs GEMM, and where the LoRA term is added, at {2 * pairs * seq} tokens "
+              f"({shape_name}, bf16):")
         for r in report["nf4"]:
             print(f"   {r['proj']:13s} {r['in_features']:6d}->{r['out_features']:<6d} dequant {r['dequant_ms']:7.3f} ms"
                   f"  gemm {r['gemm_ms']:7.3f} ms  both {r['dequant_then_gemm_ms']:7.3f} ms"
-                  f"  dequant share {100 * r['dequant_share']:5.1f}%")
+                  f"  dequant share {100 * r['dequant_share']:5.1f}%  base+LoRA: LoRA after "
+                  f"{r['lora_after_ms']:7.3f} ms, LoRA first {r['lora_first_ms']:7.3f} ms")
     if args.issue_floor:
         try:
             floor = report["issue_floor"] = issue_floor(get_model(shape_name), args.methods, pairs, seq, device, dtype)

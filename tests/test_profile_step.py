@@ -58,6 +58,7 @@ def test_nf4_split_times_dequantize_and_gemm(one_torch_thread):
         assert r["dequant_ms"] > 0 and r["gemm_ms"] > 0 and r["dequant_then_gemm_ms"] > 0
         assert 0 < r["dequant_share"]
         assert r["weight_dtype"] == "torch.float32"
+        assert r["lora_after_ms"] > 0 and r["lora_first_ms"] > 0
 
 
 def test_gpu_idle_merges_overlapping_kernels_and_buckets_gaps():

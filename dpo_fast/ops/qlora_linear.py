@@ -10,6 +10,11 @@ are frozen, so no grad_W is formed. Autograd through peft + bitsandbytes instead
 branch's intermediates and casts. Each operand is cast once, where it is made: on a GPU every cast is
 a kernel launch the CPU has to issue, and a step runs this op 7 times per layer and pass.
 
+The LoRA term is computed first and the base GEMM accumulates onto it (cuBLAS beta=1), in forward
+(y) and backward (grad_x). Adding it after the GEMM instead is a separate read-modify-write pass over
+the [N, out] result: in the H200 profile of the 8B step those passes (``badd`` GEMMs) took 53 ms, 6% of
+the GPU time. `benchmarks/profile_step.py` times both orders per projection.
+
 Dequantize-then-matmul is used on every device, by measurement: in an 8B QLoRA DPO step on an H200
 (benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of the GPU time while the
 cuBLAS GEMMs after it run at ~665 TFLOP/s, so a fused Triton dequant+GEMM could save at most that 4%
@@ -108,16 +113,26 @@ class LoRALinearFunction(torch.autograd.Function):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
         xc = x2.to(cdtype)
-        w = dense_weight(base, cdtype)
         bias = base.bias.to(cdtype) if base.bias is not None else None
-        y = F.linear(xc, w, bias).to(out_dtype)
-        del w
         xd = xc if p == 0 else _dropped(x2, mask, p).to(cdtype)
         a_c, b_c = lora_a.to(cdtype), lora_b.to(cdtype)
-        # [N, r] in the compute dtype: every later use (the addmm below, grad_b) reads it in that dtype
+        # [N, r] in the compute dtype: every later use (the LoRA term, grad_b) reads it in that dtype
         h = xd @ a_c.t()
-        del xd, xc
-        y.addmm_(h.to(y.dtype), b_c.t().to(y.dtype), alpha=scaling)
+        del xd
+        w = dense_weight(base, cdtype)
+        if out_dtype == cdtype:
+            # LoRA term first, then the base GEMM accumulates onto it (beta=1): the [N, out] partial sum is
+            # read inside the compute-bound GEMM instead of in a separate memory-bound pass over y
+            if bias is None:
+                y = torch.empty(x2.shape[0], w.shape[0], dtype=cdtype, device=x2.device)
+                y.addmm_(h, b_c.t(), beta=0, alpha=scaling)
+            else:
+                y = torch.addmm(bias, h, b_c.t(), alpha=scaling)
+            y.addmm_(xc, w.t())
+        else:  # e.g. fp32 x over a bf16-compute 4-bit base: the LoRA term is added in x's dtype, as peft does
+            y = F.linear(xc, w, bias).to(out_dtype)
+            y.addmm_(h.to(y.dtype), b_c.t().to(y.dtype), alpha=scaling)
+        del w, xc
         ctx.base, ctx.scaling, ctx.p, ctx.x_shape, ctx.cdtype = base, scaling, p, x.shape, cdtype
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
         # the adapters' compute-dtype copies (rank-r, small) go to backward too, so it casts nothing
@@ -146,13 +161,11 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_a = (g_h.t() @ xd).to(a_dtype)                    # [r, in]
             del xd
         if need_x:
+            # the LoRA term first and the base GEMM accumulating onto it, as in forward
+            grad_x = g_h @ a_c if p == 0 else _dropped(g_h @ a_c, mask, p)
             w = dense_weight(base, cdtype)
-            grad_x = dyc @ w
+            grad_x.addmm_(dyc, w)
             del w
-            if p == 0:
-                grad_x.addmm_(g_h, a_c)
-            else:
-                grad_x += _dropped(g_h @ a_c, mask, p)
             grad_x = grad_x.to(x2.dtype).view(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None, None, None
 
