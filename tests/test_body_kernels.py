@@ -291,6 +291,78 @@ def test_qlora_linear_casts_each_operand_once(device):
     assert x.grad.dtype == torch.bfloat16 and a.grad.dtype == bw.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["nf4-dq", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_group_matches_float64_reference(kind, dtype, device):
+    """q/k/v-like projections of different widths and ranks over one x: outputs and every gradient."""
+    from dpo_fast.ops.qlora_group import lora_linear_group
+
+    in_f, outs, ranks, scalings = 72, (40, 24, 24), (8, 8, 4), (2.0, 2.0, 0.5)
+    bases = [_base_layer(kind, in_f, o, bias=(i == 0 and kind == "linear"), dtype=dtype, device=device)
+             for i, o in enumerate(outs)]
+    a_s = [leaf(torch.randn(r, in_f, device=device) / in_f ** 0.5) for r in ranks]
+    b_s = [leaf(torch.randn(o, r, device=device) / r ** 0.5) for o, r in zip(outs, ranks)]
+    x = leaf(torch.randn(3, 13, in_f, device=device).to(dtype))
+    dys = [torch.randn(3, 13, o, device=device).to(dtype) for o in outs]
+    ys = lora_linear_group(x, bases, a_s, b_s, scalings)
+    torch.autograd.backward(ys, dys)
+
+    xr = leaf(x.detach().double())
+    ars, brs = [leaf(a.detach().double()) for a in a_s], [leaf(b.detach().double()) for b in b_s]
+    yrs = [F.linear(xr, dense_weight(base, torch.float64).detach(),
+                    None if base.bias is None else base.bias.double()) + s * (xr @ ar.t()) @ br.t()
+           for base, ar, br, s in zip(bases, ars, brs, scalings)]
+    torch.autograd.backward(yrs, [dy.double() for dy in dys])
+    tol = TOL[dtype] * (3 if dtype == torch.bfloat16 else 1)
+    for y, yr in zip(ys, yrs):
+        assert y.dtype == dtype and y.shape == yr.shape and rel(y, yr) < tol
+    assert rel(x.grad, xr.grad) < tol
+    for got, want in zip(a_s + b_s, ars + brs):
+        assert got.grad.dtype == torch.float32 and rel(got.grad, want.grad) < tol
+
+
+def test_qlora_group_equals_separate_ops(device):
+    """fp32: the grouped op gives what one lora_linear per projection gives, up to summation order."""
+    from dpo_fast.ops.qlora_group import lora_linear_group
+
+    bases = [_base_layer("linear", 40, o, bias=False, dtype=torch.float32, device=device) for o in (40, 56)]
+    a_s = [leaf(torch.randn(4, 40, device=device)) for _ in bases]
+    b_s = [leaf(torch.randn(b.out_features, 4, device=device)) for b in bases]
+    x = leaf(torch.randn(2, 9, 40, device=device))
+    ys = lora_linear_group(x, bases, a_s, b_s, [1.5, 1.5])
+    (ys[0].sum() + (ys[1] ** 2).sum()).backward()
+    grouped = [t.grad.clone() for t in [x] + a_s + b_s]
+    for t in [x] + a_s + b_s:
+        t.grad = None
+    sep = [lora_linear(x, b, a, bb, 1.5) for b, a, bb in zip(bases, a_s, b_s)]
+    (sep[0].sum() + (sep[1] ** 2).sum()).backward()
+    for y, z in zip(ys, sep):
+        assert rel(y, z) < 1e-6
+    for got, t in zip(grouped, [x] + a_s + b_s):
+        assert rel(got, t.grad) < 1e-6
+
+
+def test_qlora_group_rejects_what_it_cannot_reproduce(device):
+    from dpo_fast.ops.qlora_group import can_group, lora_linear_group
+
+    f32 = _base_layer("linear", 16, 8, bias=False, dtype=torch.float32, device=device)
+    b16 = _base_layer("linear", 16, 8, bias=False, dtype=torch.bfloat16, device=device)
+    a, b = torch.randn(2, 16, device=device), torch.randn(8, 2, device=device)
+    x = torch.randn(3, 16, device=device)
+    assert can_group([f32, f32], [a, a], [b, b], x)
+    assert not can_group([f32], [a], [b], x)                                         # nothing to group
+    assert can_group([f32, b16], [a, a], [b, b], x)          # an nn.Linear computes in x's dtype: both fp32
+    assert not can_group([f32, _base_layer("nf4-dq", 16, 8, False, torch.bfloat16, device)], [a, a], [b, b], x)
+    assert not can_group([f32, f32], [a, a.double()], [b, b], x)                     # mixed adapter dtypes
+    assert not can_group([f32, _base_layer("linear", 12, 8, False, torch.float32, device)], [a, a], [b, b], x)
+    with pytest.raises(ValueError, match="lora_linear per projection"):
+        lora_linear_group(x, [f32, f32], [a, a.double()], [b, b], [1.0, 1.0])
+    with pytest.raises(ValueError, match="same length"):
+        lora_linear_group(x, [f32, f32], [a], [b, b], [1.0, 1.0])
+    with pytest.raises(ValueError, match="lora A must be"):
+        lora_linear_group(x, [f32, f32], [a, a[:, :8]], [b, b], [1.0, 1.0])
+
+
 def test_qlora_linear_rejects_trainable_base(device):
     base = nn.Linear(8, 4, device=device)
     with pytest.raises(TypeError, match="frozen"):

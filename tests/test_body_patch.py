@@ -86,6 +86,19 @@ def _graph_ops(loss: torch.Tensor) -> set:
     return names
 
 
+def _graph_counts(loss: torch.Tensor) -> dict:
+    """How many autograd nodes of each type produced `loss`."""
+    seen, stack, counts = set(), [loss.grad_fn], {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
+        stack.extend(n for n, _ in node.next_functions)
+    return counts
+
+
 def _assert_close(got, want, tol):
     loss_g, grads_g = got
     loss_w, grads_w = want
@@ -118,7 +131,8 @@ def test_patched_qlora_llama_matches_unpatched(qlora_dir, backend, checkpointing
     if checkpointing == "offload":
         assert "_OffloadedCheckpointBackward" in ops
     elif checkpointing is None:  # the kernels really ran (no silent fallback to the original forwards)
-        assert {"RMSNormFunctionBackward", "SwiGLUFunctionBackward", "LoRALinearFunctionBackward"} <= ops
+        assert {"RMSNormFunctionBackward", "SwiGLUFunctionBackward", "LoRALinearFunctionBackward",
+                "LoRAGroupFunctionBackward"} <= ops
         # in place on a view, autograd wraps the custom backward in CopySlices
         assert ("CopySlices" if backend == "triton" else "RoPEFunctionBackward") in ops
     _assert_close(got, want, 1e-5)
@@ -175,6 +189,39 @@ def test_patched_qlora_llama_under_autocast(qlora_dir, device):
     assert rel(got[0], truth[0]) < 1e-2
     assert all(g.dtype == torch.float32 for g in got[1].values())  # LoRA grads in the adapters' dtype
     unpatch_body(model)
+
+
+def test_sibling_projections_run_as_one_op(qlora_dir, device):
+    """q/k/v and gate/up run as one grouped op per layer, o/down on their own, with the unpatched model's
+    loss and grads; a sibling called with another input, or with LoRA dropout on, runs on its own."""
+    from dpo_fast.ops.qlora_linear import lora_linear
+
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    patch_body(model)
+    counts = _graph_counts(model(**batch).loss)
+    assert counts["LoRAGroupFunctionBackward"] == 4 and counts["LoRALinearFunctionBackward"] == 4  # 2 layers
+    _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+
+    attn = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(2, 5, attn.q_proj.in_features, device=device)
+    other = x + 1.0
+    q = attn.q_proj(x)                         # runs q, k and v for x
+    k_other = attn.k_proj(other)               # not the grouped input: computed on its own
+    k = attn.k_proj(x)                         # the grouped result for x
+    for got, inp, layer in ((q, x, attn.q_proj), (k_other, other, attn.k_proj), (k, x, attn.k_proj)):
+        want_y = lora_linear(inp, layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                             layer.scaling["default"])
+        assert rel(got, want_y) < 1e-6
+
+    for module in model.modules():           # LoRA dropout (own mask per projection): each on its own
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    counts = _graph_counts(model(**batch).loss)
+    assert "LoRAGroupFunctionBackward" not in counts and counts["LoRALinearFunctionBackward"] == 14
+    model.eval()                             # dropout off again: grouped again
+    assert _graph_counts(model(**batch).loss)["LoRAGroupFunctionBackward"] == 4
 
 
 def test_unpatch_restores_everything(qlora_dir, device):

@@ -32,7 +32,7 @@ explicitly, so forward and backward use the same precisions.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,30 @@ def base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def op_dtypes(base: nn.Module, x: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype) of the op over `base` for input x: the output dtype is what peft's
+    forward gives, the autocast dtype over a plain linear under autocast, else x's dtype (bitsandbytes'
+    Linear4bit casts its output back to the input's dtype)."""
+    cdtype = base_compute_dtype(base, x)
+    autocast_out = torch.is_autocast_enabled(x.device.type) and type(base) is nn.Linear
+    return cdtype, cdtype if autocast_out else x.dtype
+
+
+def lora_then_base(x_c: torch.Tensor, h: torch.Tensor, b_c: torch.Tensor, scaling: float, base: nn.Module,
+                   cdtype: torch.dtype) -> torch.Tensor:
+    """x_c W^T (+ bias) + scaling * h B^T in `cdtype`, [N, out]: the LoRA term first, then the base GEMM
+    accumulates onto it (cuBLAS beta=1), so the [N, out] partial sum is read inside the compute-bound GEMM
+    instead of in a separate memory-bound pass over y. `h` may be a column slice of a wider [N, R] product."""
+    w = dense_weight(base, cdtype)
+    if base.bias is None:
+        y = torch.empty(x_c.shape[0], w.shape[0], dtype=cdtype, device=x_c.device)
+        y.addmm_(h, b_c.t(), beta=0, alpha=scaling)
+    else:
+        y = torch.addmm(base.bias.to(cdtype), h, b_c.t(), alpha=scaling)
+    y.addmm_(x_c, w.t())
+    return y
+
+
 def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight [out, in] as a dense tensor of `dtype` (dequantized for 4-bit layers)."""
     l4 = _bnb_linear4bit_type()
@@ -100,39 +124,27 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, mask: Optional[torch.Tensor]):
-        cdtype = base_compute_dtype(base, x)
-        # the output dtype of peft's forward: under autocast a plain linear returns the autocast dtype,
-        # while bitsandbytes' Linear4bit casts its output back to the input's dtype
-        autocast_out = torch.is_autocast_enabled(x.device.type) and type(base) is nn.Linear
+        cdtype, out_dtype = op_dtypes(base, x)
         with torch.autocast(x.device.type, enabled=False):
-            return LoRALinearFunction._forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype,
-                                               cdtype if autocast_out else x.dtype)
+            return LoRALinearFunction._forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype)
 
     @staticmethod
     def _forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
         xc = x2.to(cdtype)
-        bias = base.bias.to(cdtype) if base.bias is not None else None
         xd = xc if p == 0 else _dropped(x2, mask, p).to(cdtype)
         a_c, b_c = lora_a.to(cdtype), lora_b.to(cdtype)
         # [N, r] in the compute dtype: every later use (the LoRA term, grad_b) reads it in that dtype
         h = xd @ a_c.t()
         del xd
-        w = dense_weight(base, cdtype)
         if out_dtype == cdtype:
-            # LoRA term first, then the base GEMM accumulates onto it (beta=1): the [N, out] partial sum is
-            # read inside the compute-bound GEMM instead of in a separate memory-bound pass over y
-            if bias is None:
-                y = torch.empty(x2.shape[0], w.shape[0], dtype=cdtype, device=x2.device)
-                y.addmm_(h, b_c.t(), beta=0, alpha=scaling)
-            else:
-                y = torch.addmm(bias, h, b_c.t(), alpha=scaling)
-            y.addmm_(xc, w.t())
+            y = lora_then_base(xc, h, b_c, scaling, base, cdtype)
         else:  # e.g. fp32 x over a bf16-compute 4-bit base: the LoRA term is added in x's dtype, as peft does
-            y = F.linear(xc, w, bias).to(out_dtype)
+            bias = base.bias.to(cdtype) if base.bias is not None else None
+            y = F.linear(xc, dense_weight(base, cdtype), bias).to(out_dtype)
             y.addmm_(h.to(y.dtype), b_c.t().to(y.dtype), alpha=scaling)
-        del w, xc
+        del xc
         ctx.base, ctx.scaling, ctx.p, ctx.x_shape, ctx.cdtype = base, scaling, p, x.shape, cdtype
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
         # the adapters' compute-dtype copies (rank-r, small) go to backward too, so it casts nothing

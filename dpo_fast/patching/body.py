@@ -7,7 +7,9 @@
                                                             with ``prefix_sharing=True`` it also accepts
                                                             packed [prompt | chosen | rejected] rows
                                                             (dpo_fast.ops.prefix_attention)
-  * peft LoRA Linear over nn.Linear / bitsandbytes 4-bit  -> dpo_fast.ops.qlora_linear
+  * peft LoRA Linear over nn.Linear / bitsandbytes 4-bit  -> dpo_fast.ops.qlora_linear; sibling projections
+                                                            that read the same input (q/k/v, gate/up) run as
+                                                            one dpo_fast.ops.qlora_group op (_LoRAGroup)
 and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
 layers' gradient-checkpointing function (enabling checkpointing if it was off).
 
@@ -36,6 +38,7 @@ from torch import nn
 
 from ..ops.offload_checkpoint import offloaded_checkpoint
 from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
+from ..ops.qlora_group import can_group, lora_linear_group
 from ..ops.qlora_linear import is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
@@ -56,7 +59,10 @@ _STATE = "_dpo_fast_body"          # on the causal LM: what patch_body did
 _PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previous instance value or _MISSING)
 _ATTN = "_dpo_fast_attention"      # on a patched attention module: {"rope": bool, "prefix": bool}
 _PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast.ops.prefix_attention
+_GROUP = "_dpo_fast_lora_group"  # on a patched LoRA layer: (its _LoRAGroup, its index in it)
 _MISSING = "<no instance forward>"
+#: sibling projections that read the same input, run as one grouped op (dpo_fast.ops.qlora_group)
+_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 _ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_rope_active", default=False)
 # While set, every LoRA layer patched here computes its base layer only (adapters disabled): the
@@ -143,9 +149,52 @@ def _lora_plan(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
     return lora_a.weight, lora_b.weight, float(layer.scaling[name]), p
 
 
+class _LoRAGroup:
+    """Sibling LoRA projections of one module that read the same input (q/k/v, gate/up).
+
+    The attention and MLP forwards call them one after the other with the same tensor. The first call
+    runs all of them as one op (`lora_linear_group`) and keeps the others' outputs; each sibling
+    called next with that same tensor gets its output from here. Any other call (another input, a
+    layer that cannot be grouped, dropout > 0) runs on its own, exactly as without the group.
+    """
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+        self.pending: Optional[tuple] = None  # (x, [outputs by index, None once taken])
+
+    def take(self, index: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        pending = self.pending
+        if pending is None or pending[0] is not x or pending[1][index] is None:
+            return None
+        y, pending[1][index] = pending[1][index], None
+        if all(y is None for y in pending[1]):
+            self.pending = None
+        return y
+
+    def run(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """All projections for x (the first one's output returned, the rest kept), or None to go one by one."""
+        self.pending = None
+        plans = [_lora_plan(layer, x, (), {}) for layer in self.layers]
+        if any(plan is None or plan[3] != 0.0 for plan in plans):
+            return None
+        bases = [layer.base_layer for layer in self.layers]
+        lora_as, lora_bs = [plan[0] for plan in plans], [plan[1] for plan in plans]
+        if not can_group(bases, lora_as, lora_bs, x):
+            return None
+        ys = lora_linear_group(x, bases, lora_as, lora_bs, [plan[2] for plan in plans])
+        self.pending = (x, [None] + ys[1:])
+        return ys[0]
+
+
 def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if _LORA_OFF.get():
         return self.base_layer(x, *args, **kwargs)  # peft's forward with adapters disabled, unmerged
+    grouped = self.__dict__.get(_GROUP)
+    if grouped is not None and not args and not kwargs:
+        group, index = grouped
+        y = group.take(index, x) if index else group.run(x)
+        if y is not None:
+            return y
     plan = _lora_plan(self, x, args, kwargs)
     if plan is None:
         return _original_forward(self)(x, *args, **kwargs)
@@ -219,6 +268,7 @@ def _restore_forward(module: nn.Module) -> bool:
     else:
         module.__dict__[attr] = value
     module.__dict__.pop(_ATTN, None)
+    module.__dict__.pop(_GROUP, None)
     return True
 
 
@@ -318,6 +368,8 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
         elif qlora_linear and lora_types and isinstance(module, lora_types):
             _set_forward(module, _lora_forward)
             counts["qlora_linear"] += 1
+    if qlora_linear:
+        _make_groups(model)
     for owner in rope_owners.values():
         _install_rope(owner)
     if counts["prefix_sharing"]:
@@ -339,6 +391,18 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
                                "counts": dict(counts)}
     return counts
+
+
+def _make_groups(model: nn.Module) -> None:
+    """Tie each module's sibling projections (_GROUPS) into a _LoRAGroup when all of them are patched here."""
+    for module in model.modules():
+        for names in _GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, nn.Module) and getattr(m.__dict__.get("forward"), "__func__", None) is _lora_forward
+                   and _GROUP not in m.__dict__ for m in layers):
+                group = _LoRAGroup(layers)
+                for index, layer in enumerate(layers):
+                    layer.__dict__[_GROUP] = (group, index)
 
 
 def is_patched_lora(module: nn.Module) -> bool:
