@@ -398,8 +398,7 @@ def _make_groups(model: nn.Module) -> None:
     for module in model.modules():
         for names in _GROUPS:
             layers = [getattr(module, name, None) for name in names]
-            if all(isinstance(m, nn.Module) and getattr(m.__dict__.get("forward"), "__func__", None) is _lora_forward
-                   and _GROUP not in m.__dict__ for m in layers):
+            if all(isinstance(m, nn.Module) and is_patched_lora(m) and _GROUP not in m.__dict__ for m in layers):
                 group = _LoRAGroup(layers)
                 for index, layer in enumerate(layers):
                     layer.__dict__[_GROUP] = (group, index)
