@@ -10,7 +10,8 @@
 # 2. tests: the model-level test files on CUDA (patch on a CUDA NF4 model, TRL integration, the trainer)
 # step8b, step8bcap, step8bp50, step1b: benchmarks/step.py (issue 6) at the 8B shape uncapped, under a 16 GB
 #           cap, and with prompts half of each row (what prefix sharing saves depends on the prompt share), and
-#           group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots)
+#           group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots;
+#           step_8b.tgz and profile.tgz also hold gpu_clocks.csv: SM clock, power, throttle reasons)
 # 3. bench: python3 -m benchmarks --quick, one level at a time (head, step, fit), each writing its own
 #           results.json, so a level cut off by its timeout loses only itself
 # Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 570);
@@ -84,6 +85,26 @@ fold() {
   return 0
 }
 
+# clocks NAME / clocks_off: sample the GPU's SM clock, power and throttle reasons every 200 ms into
+# $STAGE/NAME/gpu_clocks.csv while a phase runs (folded with its results). A step whose kernels take longer
+# unprofiled than profiled, with a lower SM clock and a power throttle reason, is power-bound, not idle.
+CLOCKS_PID=""
+clocks() {
+  mkdir -p "$STAGE/$1"
+  command -v nvidia-smi > /dev/null || return 0
+  local fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu reasons
+  for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do  # newer / older drivers
+    nvidia-smi --query-gpu="$reasons" --format=csv,noheader > /dev/null 2>&1 && { fields="$fields,$reasons"; break; }
+  done
+  nvidia-smi --query-gpu="$fields" --format=csv -lms 200 > "$STAGE/$1/gpu_clocks.csv" 2>/dev/null &
+  CLOCKS_PID=$!
+}
+clocks_off() {
+  [[ -n "$CLOCKS_PID" ]] && kill "$CLOCKS_PID" 2>/dev/null
+  CLOCKS_PID=""
+  return 0
+}
+
 # ---- carried wheels, then the package itself (from the tree, no dependencies, nothing fetched)
 SITE=""
 if [[ -z "${GPU_SESSION_NO_WHEELS:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then
@@ -135,10 +156,12 @@ for p in "${PHASES[@]}"; do
       # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak
       # memory vs unpatched TRL; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it;
       # dpo_fast_no_checkpointing (no recompute, all activations kept) bounds what partial recompute could buy
+      clocks step_8b
       phase step_8b "${STEP8B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.1-8b --step-sizes 2x2048 \
         --methods trl dpo_fast dpo_fast_all dpo_fast_all_unshared dpo_fast_precomputed_ref \
         dpo_fast_no_checkpointing --step-warmup 2 \
         --step-repeats 3 --out "$STAGE/step_8b"
+      clocks_off
       fold step_8b ;;
     step8bcap)
       # ... and whether that step fits a 16 GB cap (torch.cuda.set_per_process_memory_fraction)
@@ -155,7 +178,9 @@ for p in "${PHASES[@]}"; do
     profile)
       # where the 8B step's GPU time goes (trl, dpo_fast, dpo_fast_all), when the GPU waits, the nf4 dequantize
       # share per projection, and the issue floor (the same steps 256 wide: how long the CPU takes to issue one)
+      clocks profile
       phase profile "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_step.py --out "$STAGE/profile"
+      clocks_off
       fold profile ;;
     step1b)
       # issue 6's group-by-group comparison at the 1B shape
