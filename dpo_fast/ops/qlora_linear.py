@@ -143,7 +143,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:  # e.g. fp32 x over a bf16-compute 4-bit base: the LoRA term is added in x's dtype, as peft does
             bias = base.bias.to(cdtype) if base.bias is not None else None
             y = F.linear(xc, dense_weight(base, cdtype), bias).to(out_dtype)
-            y.addmm_(h.to(y.dtype), b_c.t().to(y.dtype), alpha=scaling)
+            y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scaling)
         del xc
         ctx.base, ctx.scaling, ctx.p, ctx.x_shape, ctx.cdtype = base, scaling, p, x.shape, cdtype
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)

@@ -166,10 +166,10 @@ class _LoRAGroup:
         pending = self.pending
         if pending is None or pending[0] is not x or pending[1][index] is None:
             return None
-        y, pending[1][index] = pending[1][index], None
-        if all(y is None for y in pending[1]):
+        out, pending[1][index] = pending[1][index], None
+        if all(left is None for left in pending[1]):
             self.pending = None
-        return y
+        return out
 
     def run(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """All projections for x (the first one's output returned, the rest kept), or None to go one by one."""
