@@ -469,29 +469,40 @@ def bnb_unavailable(dev: torch.device) -> Optional[str]:
     return None
 
 
-def check_qlora(rec: Recorder, dev: torch.device, in_f: int, out_f: int, r: int, tokens: int, kind: str,
-                dtype: torch.dtype) -> None:
-    """lora_linear over a frozen base (nn.Linear, or bitsandbytes nf4 with double quantization) against
-    float64: y, grad_x, grad_A, grad_B (the base is frozen)."""
+def _qlora_base(kind: str, in_f: int, out_f: int, dtype: torch.dtype, dev: torch.device):
+    """A frozen base with a bias: nn.Linear, or bitsandbytes nf4 with double quantization."""
     from torch import nn
 
-    from dpo_fast.ops.qlora_linear import dense_weight, lora_linear
-
-    name = f"lora_linear {kind} {_dtype_name(dtype)} in={in_f} out={out_f} r={r} N={tokens}"
     w = torch.randn(out_f, in_f) / in_f ** 0.5
     if kind == "linear":
         base = nn.Linear(in_f, out_f, bias=True, dtype=dtype)
         base.weight.data.copy_(w)
         base.bias.data.normal_()
-        base = base.requires_grad_(False).to(dev)
-    else:
-        import bitsandbytes as bnb
+        return base.requires_grad_(False).to(dev)
+    import bitsandbytes as bnb
 
-        base = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=dtype, quant_type="nf4",
-                                 compress_statistics=True)
-        base.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-        base.bias = nn.Parameter(torch.randn(out_f, dtype=dtype), requires_grad=False)
-        base = base.to(dev)
+    base = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    base.bias = nn.Parameter(torch.randn(out_f, dtype=dtype), requires_grad=False)
+    return base.to(dev)
+
+
+def _lora_reference(x: torch.Tensor, base, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """float64 base(x) + scaling * x A^T B^T on the CPU (x, a, b: float64 leaves)."""
+    from dpo_fast.ops.qlora_linear import dense_weight
+
+    wd = dense_weight(base, torch.float64).detach().cpu()
+    return torch.nn.functional.linear(x, wd, base.bias.detach().cpu().double()) + scaling * (x @ a.t()) @ b.t()
+
+
+def check_qlora(rec: Recorder, dev: torch.device, in_f: int, out_f: int, r: int, tokens: int, kind: str,
+                dtype: torch.dtype) -> None:
+    """lora_linear over a frozen base (nn.Linear, or bitsandbytes nf4 with double quantization) against
+    float64: y, grad_x, grad_A, grad_B (the base is frozen)."""
+    from dpo_fast.ops.qlora_linear import lora_linear
+
+    name = f"lora_linear {kind} {_dtype_name(dtype)} in={in_f} out={out_f} r={r} N={tokens}"
+    base = _qlora_base(kind, in_f, out_f, dtype, dev)
     a = torch.randn(r, in_f) / in_f ** 0.5  # adapters stay fp32, as peft keeps them
     bw = torch.randn(out_f, r) / r ** 0.5
     x = torch.randn(tokens, in_f).to(dtype)
@@ -501,16 +512,43 @@ def check_qlora(rec: Recorder, dev: torch.device, in_f: int, out_f: int, r: int,
     scaling = 2.0
     y = lora_linear(xa, base, aa, ba, scaling)
     y.backward(dy.to(dev))
-    wd = dense_weight(base, torch.float64).detach().cpu()
-    bias = base.bias.detach().cpu().double()
     xr, ar, br = x.double().requires_grad_(), a.double().requires_grad_(), bw.double().requires_grad_()
-    yr = torch.nn.functional.linear(xr, wd, bias) + scaling * (xr @ ar.t()) @ br.t()
+    yr = _lora_reference(xr, base, ar, br, scaling)
     yr.backward(dy.double())
     tol = QLORA_TOL[dtype]
     rec.compare(f"{name}/y", y, yr, tol)
     rec.compare(f"{name}/grad_x", xa.grad, xr.grad, tol)
     rec.compare(f"{name}/grad_A", aa.grad, ar.grad, tol)
     rec.compare(f"{name}/grad_B", ba.grad, br.grad, tol)
+
+
+def check_qlora_group(rec: Recorder, dev: torch.device, in_f: int, out_f: int, r: int, tokens: int, kind: str,
+                      dtype: torch.dtype) -> None:
+    """lora_linear_group (what q/k/v run as once patched) against float64: three projections of different
+    widths (GQA-like) and ranks over one x; every output, grad_x and each grad_A, grad_B."""
+    from dpo_fast.ops.qlora_group import lora_linear_group
+
+    outs, ranks, scalings = (out_f, out_f // 4 + 3, out_f // 4 + 3), (r, r, max(1, r // 2)), (2.0, 2.0, 4.0)
+    name = f"lora_linear_group {kind} {_dtype_name(dtype)} in={in_f} outs={outs} N={tokens}"
+    bases = [_qlora_base(kind, in_f, o, dtype, dev) for o in outs]
+    a_s = [torch.randn(q, in_f) / in_f ** 0.5 for q in ranks]
+    b_s = [torch.randn(o, q) / q ** 0.5 for o, q in zip(outs, ranks)]
+    x = torch.randn(tokens, in_f).to(dtype)
+    dys = [torch.randn(tokens, o).to(dtype) for o in outs]
+    xa = _leaf(x, dev, True)
+    aas, bas = [_leaf(a, dev, True) for a in a_s], [_leaf(b, dev, True) for b in b_s]
+    ys = lora_linear_group(xa, bases, aas, bas, scalings)
+    torch.autograd.backward(ys, [dy.to(dev) for dy in dys])
+    xr = x.double().requires_grad_()
+    ars, brs = [a.double().requires_grad_() for a in a_s], [b.double().requires_grad_() for b in b_s]
+    yrs = [_lora_reference(xr, base, ar, br, s) for base, ar, br, s in zip(bases, ars, brs, scalings)]
+    torch.autograd.backward(yrs, [dy.double() for dy in dys])
+    tol = QLORA_TOL[dtype]
+    for i, (y, yr) in enumerate(zip(ys, yrs)):
+        rec.compare(f"{name}/y{i}", y, yr, tol)
+        rec.compare(f"{name}/grad_A{i}", aas[i].grad, ars[i].grad, tol)
+        rec.compare(f"{name}/grad_B{i}", bas[i].grad, brs[i].grad, tol)
+    rec.compare(f"{name}/grad_x", xa.grad, xr.grad, tol)
 
 
 # ---------------------------------------------------------------------------------------------- realistic shape
@@ -740,8 +778,11 @@ def run_checks(rec: Recorder, dev: torch.device, sizes: Sizes) -> None:
         for dtype in dtypes:
             if kind != "linear" and bnb_reason:
                 rec.skip(f"lora_linear {kind} {_dtype_name(dtype)}", bnb_reason)
+                rec.skip(f"lora_linear_group {kind} {_dtype_name(dtype)}", bnb_reason)
                 continue
             rec.run(f"lora_linear {kind} {_dtype_name(dtype)}", check_qlora, dev, *sizes.qlora, kind, dtype)
+            rec.run(f"lora_linear_group {kind} {_dtype_name(dtype)}", check_qlora_group, dev, *sizes.qlora, kind,
+                    dtype)
     quantize = bnb_reason is None
     for offload in (False, True):
         rec.run(f"patched model offload={offload}", check_patched_model, dev, quantize, offload)

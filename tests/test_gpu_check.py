@@ -23,7 +23,8 @@ GROUPS = ("linear_log_probs[triton] frozen nobias float32", "linear_log_probs[tr
           "bfloat16", "rms_norm[triton] float32", "rms_norm[triton] bfloat16", "apply_rope[triton] float32",
           "apply_rope[triton] bfloat16", "swiglu[triton] float32", "swiglu[triton] bfloat16",
           "lora_linear linear float32", "lora_linear linear bfloat16", "lora_linear nf4-dq float32",
-          "lora_linear nf4-dq bfloat16")
+          "lora_linear nf4-dq bfloat16", "lora_linear_group linear float32", "lora_linear_group linear bfloat16",
+          "lora_linear_group nf4-dq float32", "lora_linear_group nf4-dq bfloat16")
 
 
 def test_tiny_run_passes_every_check_and_writes_complete_json(tmp_path):
