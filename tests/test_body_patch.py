@@ -73,19 +73,6 @@ def _loss_and_grads(model, batch):
     return loss.detach(), grads
 
 
-def _graph_ops(loss: torch.Tensor) -> set:
-    """Names of the autograd nodes that produced `loss` (to see which kernels really ran)."""
-    seen, stack, names = set(), [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
-
-
 def _graph_counts(loss: torch.Tensor) -> dict:
     """How many autograd nodes of each type produced `loss`."""
     seen, stack, counts = set(), [loss.grad_fn], {}
@@ -97,6 +84,11 @@ def _graph_counts(loss: torch.Tensor) -> dict:
         counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
         stack.extend(n for n, _ in node.next_functions)
     return counts
+
+
+def _graph_ops(loss: torch.Tensor) -> set:
+    """Names of the autograd nodes that produced `loss` (to see which kernels really ran)."""
+    return set(_graph_counts(loss))
 
 
 def _assert_close(got, want, tol):
