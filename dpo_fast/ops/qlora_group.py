@@ -124,5 +124,12 @@ def lora_linear_group(x: torch.Tensor, bases: Sequence[nn.Module], lora_as: Sequ
     if not can_group(bases, lora_as, lora_bs, x):
         raise ValueError("lora_linear_group needs frozen bases of one type, input size and compute dtype, an "
                          "output in that dtype, and adapters of one dtype; use lora_linear per projection")
+    return apply_group(x, bases, lora_as, lora_bs, scalings)
+
+
+def apply_group(x: torch.Tensor, bases: Sequence[nn.Module], lora_as: Sequence[torch.Tensor],
+                lora_bs: Sequence[torch.Tensor], scalings: Sequence[float]) -> List[torch.Tensor]:
+    """`lora_linear_group` without its checks, for a caller that has run `can_group` itself (the patched
+    model, once per layer and pass)."""
     ys = LoRAGroupFunction.apply(x, tuple(bases), tuple(float(s) for s in scalings), *lora_as, *lora_bs)
     return [y.view(*x.shape[:-1], base.out_features) for y, base in zip(ys, bases)]

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..ops.offload_checkpoint import offloaded_checkpoint
 from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
-from ..ops.qlora_group import can_group, lora_linear_group
+from ..ops.qlora_group import apply_group, can_group
 from ..ops.qlora_linear import is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
@@ -153,7 +153,7 @@ class _LoRAGroup:
     """Sibling LoRA projections of one module that read the same input (q/k/v, gate/up).
 
     The attention and MLP forwards call them one after the other with the same tensor. The first call
-    runs all of them as one op (`lora_linear_group`) and keeps the others' outputs; each sibling
+    runs all of them as one op (`dpo_fast.ops.qlora_group`) and keeps the others' outputs; each sibling
     called next with that same tensor gets its output from here. Any other call (another input, a
     layer that cannot be grouped, dropout > 0) runs on its own, exactly as without the group.
     """
@@ -181,7 +181,7 @@ class _LoRAGroup:
         lora_as, lora_bs = [plan[0] for plan in plans], [plan[1] for plan in plans]
         if not can_group(bases, lora_as, lora_bs, x):
             return None
-        ys = lora_linear_group(x, bases, lora_as, lora_bs, [plan[2] for plan in plans])
+        ys = apply_group(x, bases, lora_as, lora_bs, [plan[2] for plan in plans])
         self.pending = (x, [None] + ys[1:])
         return ys[0]
 
