@@ -33,8 +33,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, free_memory, resolve_device, time_ms  # noqa: E402
-from benchmarks.methods_step import STEP_REGISTRY, bnb_has_cuda, build_model, make_batch  # noqa: E402
+from benchmarks.common import environment, free_memory, resolve_device  # noqa: E402
+from benchmarks.methods_step import (STEP_REGISTRY, _measure_cell, bnb_has_cuda, build_model,  # noqa: E402
+                                    case_label, make_batch)
 from benchmarks.models import MODELS, ModelShape, default_dtype, get_model  # noqa: E402
 from benchmarks.suite import parse_size  # noqa: E402
 
@@ -261,27 +262,21 @@ def issue_floor(shape: ModelShape, methods: Sequence[str], pairs: int, seq: int,
     small = narrow(shape)
     out: Dict[str, Any] = dict(shape=small.name, hidden_size=small.hidden_size, layers=small.num_hidden_layers,
                                step_ms={})
+    case = dict(model=small.name, pairs=pairs, seq_len=seq)
     model = build_model(small, device, dtype)
-    batch = make_batch(small.vocab_size, pairs, seq, device)
     try:
         for name in methods:
             method = STEP_REGISTRY[name]
             if method.unavailable(device):
                 continue
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            try:
-                with method.install(model):
-                    out["step_ms"][name] = time_ms(method.make(model, batch, opt), device, warmup=warmup,
-                                                   repeats=repeats)
-            except Exception as exc:  # one method failing leaves the others' floors
-                out["step_ms"][name] = None
-                out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
-            finally:
-                opt.zero_grad(set_to_none=True)
-                model.zero_grad(set_to_none=True)
-                del opt
+            # the step benchmark's own cell runner: install, time, uninstall (a failure becomes the cell's note)
+            cell = _measure_cell(model, method, small, case, case_label(case), 2 * pairs * seq, device, {}, warmup,
+                                 repeats, None)
+            out["step_ms"][name] = cell.median_ms
+            if cell.median_ms is None:
+                out.setdefault("errors", {})[name] = f"{cell.status}: {cell.note}"[:300]
     finally:
-        del model, batch
+        del model
         free_memory(device)
     return out
 
