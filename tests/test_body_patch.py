@@ -12,6 +12,7 @@ import torch
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
 from dpo_fast.patching.body import patch_body, unpatch_body
+from dpo_fast.patching.recompute import unwrapped
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -115,7 +116,7 @@ def test_patched_qlora_llama_matches_unpatched(qlora_dir, backend, checkpointing
     assert counts["qlora_linear"] == 14  # 7 projections x 2 layers
     assert counts["offload_checkpointing"] == (2 if checkpointing == "offload" else 0)
     if checkpointing == "offload":
-        assert all(layer._gradient_checkpointing_func is offloaded_checkpoint and layer.gradient_checkpointing
+        assert all(unwrapped(layer._gradient_checkpointing_func) is offloaded_checkpoint and layer.gradient_checkpointing
                    for layer in model.base_model.model.model.layers)
     with use_backend(backend):
         ops = _graph_ops(model(**batch).loss)

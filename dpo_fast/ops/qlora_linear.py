@@ -10,6 +10,9 @@ are frozen, so no grad_W is formed. Autograd through peft + bitsandbytes instead
 branch's intermediates and casts. Each operand is cast once, where it is made: on a GPU every cast is
 a kernel launch the CPU has to issue, and a step runs this op 7 times per layer and pass.
 
+With ``output=False`` (a gradient-checkpointing recompute of a layer's last projection, whose output
+nobody reads: dpo_fast.patching.recompute) forward skips both GEMMs and returns an uninitialized y.
+
 The LoRA term is computed first and the base GEMM accumulates onto it (cuBLAS beta=1), in forward
 (y) and backward (grad_x). Adding it after the GEMM instead is a separate read-modify-write pass over
 the [N, out] result: in the H200 profile of the 8B step those passes (``badd`` GEMMs) took 53 ms, 6% of
@@ -123,13 +126,15 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = base(x) + scaling * dropout(x) A^T B^T with base frozen; grads for x, A and B only."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, mask: Optional[torch.Tensor]):
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, mask: Optional[torch.Tensor],
+                output: bool = True):
         cdtype, out_dtype = op_dtypes(base, x)
         with torch.autocast(x.device.type, enabled=False):
-            return LoRALinearFunction._forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype)
+            return LoRALinearFunction._forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype,
+                                               output)
 
     @staticmethod
-    def _forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype):
+    def _forward(ctx, x, lora_a, lora_b, base, scaling, p, mask, cdtype, out_dtype, output):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
         xc = x2.to(cdtype)
@@ -138,7 +143,9 @@ class LoRALinearFunction(torch.autograd.Function):
         # [N, r] in the compute dtype: every later use (the LoRA term, grad_b) reads it in that dtype
         h = xd @ a_c.t()
         del xd
-        if out_dtype == cdtype:
+        if not output:  # nobody reads y (see lora_linear): backward needs only what is saved below
+            y = torch.empty(x2.shape[0], base.out_features, dtype=out_dtype, device=x.device)
+        elif out_dtype == cdtype:
             y = lora_then_base(xc, h, b_c, scaling, base, cdtype)
         else:  # e.g. fp32 x over a bf16-compute 4-bit base: the LoRA term is added in x's dtype, as peft does
             bias = base.bias.to(cdtype) if base.bias is not None else None
@@ -179,11 +186,11 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_x.addmm_(dyc, w)
             del w
             grad_x = grad_x.to(x2.dtype).view(ctx.x_shape)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
-                dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None, output: bool = True) -> torch.Tensor:
     """base(x) + scaling * dropout(x) @ lora_a.T @ lora_b.T, base frozen.
 
     Args:
@@ -193,6 +200,10 @@ def lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: 
         scaling: the LoRA scale (alpha / r).
         dropout_p: LoRA dropout probability, applied to x on the LoRA branch only.
         mask: optional bool keep-mask shaped like x (drawn with `dropout_mask` when None and p > 0).
+        output: False when the caller will never read y's values, only back-propagate through it (a
+            gradient-checkpointing recompute of a layer's last projection, dpo_fast.patching.recompute):
+            y is then an uninitialized tensor of the right shape and dtype, the GEMMs that would fill it
+            are skipped, and backward is unchanged.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
@@ -214,5 +225,5 @@ def lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: 
                              f"{tuple(mask.shape)}")
     else:
         mask = None
-    y = LoRALinearFunction.apply(x, lora_a, lora_b, base, float(scaling), float(dropout_p), mask)
+    y = LoRALinearFunction.apply(x, lora_a, lora_b, base, float(scaling), float(dropout_p), mask, bool(output))
     return y.view(*x.shape[:-1], out_f)

@@ -11,7 +11,9 @@
                                                             that read the same input (q/k/v, gate/up) run as
                                                             one dpo_fast.ops.qlora_group op (_LoRAGroup)
 and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
-layers' gradient-checkpointing function (enabling checkpointing if it was off).
+layers' gradient-checkpointing function (enabling checkpointing if it was off). With the QLoRA linear
+on, each decoder layer's checkpoint function (whichever it is) is wrapped so that the layer's recompute
+in backward skips its last projection's GEMMs, whose output nobody reads (dpo_fast.patching.recompute).
 
 Only instance attributes change: classes, parameters, buffers and state-dict keys stay exactly as
 they were, so saving and loading are unaffected; `unpatch_body` deletes the instance forwards (or
@@ -43,6 +45,7 @@ from ..ops.qlora_linear import is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
+from .recompute import recomputing, track_layers, untrack_layers
 
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
@@ -53,6 +56,8 @@ _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
 _MLP_CLASSES = {f"{f}MLP" for f in _FAMILIES}
 _ATTN_CLASSES = {f"{f}Attention" for f in _FAMILIES}
+#: decoder layers whose output is ``residual + mlp(...)``: the MLP's down_proj output feeds nothing else
+_LAYER_CLASSES = {f"{f}DecoderLayer" for f in _FAMILIES}
 _SILU_CLASSES = {"SiLU", "SiLUActivation"}
 
 _STATE = "_dpo_fast_body"          # on the causal LM: what patch_body did
@@ -60,6 +65,7 @@ _PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previ
 _ATTN = "_dpo_fast_attention"      # on a patched attention module: {"rope": bool, "prefix": bool}
 _PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast.ops.prefix_attention
 _GROUP = "_dpo_fast_lora_group"  # on a patched LoRA layer: (its _LoRAGroup, its index in it)
+_TAIL = "_dpo_fast_tail"  # on a patched LoRA down_proj: its output is its decoder layer's last term
 _MISSING = "<no instance forward>"
 #: sibling projections that read the same input, run as one grouped op (dpo_fast.ops.qlora_group)
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -199,7 +205,9 @@ def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     if plan is None:
         return _original_forward(self)(x, *args, **kwargs)
     lora_a, lora_b, scaling, p = plan
-    return lora_linear(x, self.base_layer, lora_a, lora_b, scaling, dropout_p=p)
+    # in a checkpoint recompute a layer's tail output is never read: skip its GEMMs (patching.recompute)
+    output = not (recomputing() and self.__dict__.get(_TAIL, False))
+    return lora_linear(x, self.base_layer, lora_a, lora_b, scaling, dropout_p=p, output=output)
 
 
 _PATCHED_FUNCS = (_rms_norm_forward, _mlp_forward, _attention_forward, _lora_forward)
@@ -269,6 +277,7 @@ def _restore_forward(module: nn.Module) -> bool:
         module.__dict__[attr] = value
     module.__dict__.pop(_ATTN, None)
     module.__dict__.pop(_GROUP, None)
+    module.__dict__.pop(_TAIL, None)
     return True
 
 
@@ -388,6 +397,8 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
             if not any_on:
                 m.gradient_checkpointing = True
         counts["offload_checkpointing"] = len(layers)
+    if qlora_linear:
+        track_layers(holder, _mark_tails(model))
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
                                "counts": dict(counts)}
     return counts
@@ -402,6 +413,20 @@ def _make_groups(model: nn.Module) -> None:
                 group = _LoRAGroup(layers)
                 for index, layer in enumerate(layers):
                     layer.__dict__[_GROUP] = (group, index)
+
+
+def _mark_tails(model: nn.Module) -> list:
+    """Mark each supported decoder layer's patched down_proj as its layer's tail; returns those layers."""
+    layers = []
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if type(module).__name__ not in _LAYER_CLASSES or not isinstance(mlp, nn.Module) or not _is_swiglu_mlp(mlp):
+            continue
+        down = mlp.down_proj
+        if isinstance(down, nn.Module) and is_patched_lora(down):
+            down.__dict__[_TAIL] = True
+            layers.append(module)
+    return layers
 
 
 def is_patched_lora(module: nn.Module) -> bool:
@@ -437,6 +462,7 @@ def unpatch_body(model: nn.Module) -> nn.Module:
     """Undo `patch_body`: restore every original forward and checkpointing setting; returns model."""
     holder = _state_holder(model)
     state = holder.__dict__.pop(_STATE, None)
+    untrack_layers(holder)
     for module in model.modules():
         if _PREV in module.__dict__:
             _restore_forward(module)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .recompute import rewrap_layers
+
 IGNORE_INDEX = -100
 #: Per-token fields the head can return (TRL's names). `log_probs` is always computed.
 HEAD_OUTPUTS: Tuple[str, ...] = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -91,6 +93,8 @@ def head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def backbone_hidden(causal_lm: nn.Module, *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, nn.Module]:
     """Run only the decoder stack: (last hidden states [B, T, d] on the head's device, the lm_head module)."""
     kwargs["use_cache"] = False
+    # checkpointing enabled after patch() (TRL's trainer does it) gets the recompute skip too
+    rewrap_layers(causal_lm)
     hidden = backbone_of(causal_lm)(*args, **kwargs).last_hidden_state
     head = causal_lm.get_output_embeddings()
     return hidden.to(head.weight.device), head
@@ -169,6 +173,7 @@ def make_fused_forward(causal_lm: nn.Module) -> Callable[..., Any]:
                 num_items_in_batch=None, **kwargs):
         state = self._dpo_fast_patch
         if not fused_lm_head:
+            rewrap_layers(self)  # as in backbone_hidden
             for key, val in (("labels", labels), ("shift_labels", shift_labels),
                              ("num_items_in_batch", num_items_in_batch)):
                 if val is not None:

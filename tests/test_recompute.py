@@ -1,0 +1,165 @@
+"""The checkpoint recompute skips its layer's tail GEMMs (dpo_fast.patching.recompute) and stays exact.
+
+In a recompute the patched down_proj runs its LoRA op with output=False. These tests check that the
+gradients do not change (against the unpatched model, and the op against itself with output=True),
+that the skip really happens once per layer and backward, under every way checkpointing gets
+installed, and never where the output is read.
+"""
+import tempfile
+
+import pytest
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+
+import dpo_fast.patching.body as body
+from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
+from dpo_fast.ops.qlora_linear import lora_linear
+from dpo_fast.patching.body import patch_body, unpatch_body
+from dpo_fast.patching.recompute import TailSkippingCheckpoint, recomputing, unwrapped
+from test_body_patch import VOCAB, _assert_close, _batch, _llama_config, _loss_and_grads, _qlora_model
+
+peft = pytest.importorskip("peft")
+LAYERS = 2
+
+
+def test_only_calls_after_the_first_are_recomputes():
+    seen = []
+
+    def layer(tag):
+        seen.append((tag, recomputing()))
+        if tag == "outer-recompute":  # a layer checkpoint that starts inside some outer recompute
+            TailSkippingCheckpoint(lambda f, *a: (f(*a), f(*a)))(layer, "inner")
+        return tag
+
+    def twice(function, tag):  # a checkpoint: the forward, then the recompute
+        function(tag)
+        return function(tag.replace("forward", "recompute"))
+
+    assert TailSkippingCheckpoint(twice)(layer, "outer-forward") == "outer-recompute"
+    assert seen == [("outer-forward", False), ("outer-recompute", True), ("inner", False), ("inner", True)]
+    assert not recomputing()
+    wrapped = TailSkippingCheckpoint(offloaded_checkpoint)
+    assert unwrapped(wrapped) is offloaded_checkpoint and unwrapped(offloaded_checkpoint) is offloaded_checkpoint
+
+
+@pytest.mark.parametrize("dtype,p", [(torch.float64, 0.0), (torch.float64, 0.3), (torch.bfloat16, 0.0)])
+def test_lora_linear_without_output_back_propagates_the_same(dtype, p):
+    n, d_in, d_out, r = 37, 24, 19, 5
+    base = torch.nn.Linear(d_in, d_out, bias=True).to(dtype).requires_grad_(False)
+    x = torch.randn(3, n, d_in, dtype=dtype)
+    a = torch.randn(r, d_in, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    b = torch.randn(d_out, r, dtype=a.dtype)
+    mask = torch.rand(x.shape) >= p if p else None
+    dy = torch.randn(3, n, d_out, dtype=dtype)
+    grads = []
+    for output in (True, False):
+        xs, as_, bs = (t.clone().requires_grad_() for t in (x, a, b))
+        y = lora_linear(xs, base, as_, bs, 2.0, dropout_p=p, mask=mask, output=output)
+        assert y.shape == (3, n, d_out) and y.dtype == dtype
+        y.backward(dy)
+        grads.append([xs.grad, as_.grad, bs.grad])
+    for with_output, without in zip(*grads):
+        assert torch.equal(with_output, without)
+
+
+def _count_tail_skips(monkeypatch) -> dict:
+    """Count the patched LoRA ops run with and without their output (body's lora_linear calls)."""
+    counts = {True: 0, False: 0}
+
+    def counting(*args, output=True, **kwargs):
+        counts[output] += 1
+        return lora_linear(*args, output=output, **kwargs)
+
+    monkeypatch.setattr(body, "lora_linear", counting)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def qlora_dir():
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(_llama_config()).save_pretrained(d)
+        yield d
+
+
+CHECKPOINTING = ["non-reentrant", "reentrant", "offload", "enabled after patch"]
+
+
+@pytest.mark.parametrize("checkpointing", CHECKPOINTING)
+def test_qlora_llama_recompute_skips_down_proj_and_matches(qlora_dir, checkpointing, device, monkeypatch):
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    enable = lambda: model.gradient_checkpointing_enable(  # noqa: E731
+        gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    enable()
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    layers = model.base_model.model.model.layers
+    original = layers[0]._gradient_checkpointing_func
+    if checkpointing == "enabled after patch":
+        model.gradient_checkpointing_disable()
+    patch_body(model, offload_checkpointing=checkpointing == "offload")
+    if checkpointing == "enabled after patch":
+        enable()  # a new function on every layer; the fused forward / backbone wraps it again
+        from dpo_fast.patching.head import backbone_hidden
+
+        backbone_hidden(model.base_model.model, input_ids=batch["input_ids"][:, :2])
+    assert all(isinstance(layer._gradient_checkpointing_func, TailSkippingCheckpoint) for layer in layers)
+    counts = _count_tail_skips(monkeypatch)
+    got = _loss_and_grads(model, batch)
+    # forward: 2 single ops (o, down) per layer, q/k/v and gate/up grouped; the recompute: o in full, down
+    # without its output
+    assert counts == {True: 3 * LAYERS, False: LAYERS}, counts
+    _assert_close(got, want, 1e-5)
+    unpatch_body(model)
+    if checkpointing in ("non-reentrant", "reentrant"):
+        assert layers[0]._gradient_checkpointing_func is original
+    else:
+        assert not isinstance(layers[0]._gradient_checkpointing_func, TailSkippingCheckpoint)
+
+
+def _family_model(family: str):
+    import transformers
+
+    cfg = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=LAYERS, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    if family == "qwen3":
+        cfg["head_dim"] = 12
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**cfg))
+    model.requires_grad_(False)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return peft.get_peft_model(model, lora).train()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_family_recomputes_exactly(family, device, monkeypatch):
+    """Each supported decoder layer feeds down_proj's output only to its residual add: skipping it is exact."""
+    model = _family_model(family).to(device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    patch_body(model)
+    counts = _count_tail_skips(monkeypatch)
+    _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+    assert counts[False] == LAYERS
+
+
+def test_no_skip_without_checkpointing_or_inside_an_outer_checkpoint(qlora_dir, device, monkeypatch):
+    """Without layer checkpointing nothing is skipped; with an outer checkpoint around all the layers too,
+    the layers' own forwards run in the outer recompute and their outputs are used: still exact."""
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    patch_body(model)
+    counts = _count_tail_skips(monkeypatch)
+    _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+    assert counts[False] == 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.zero_grad(set_to_none=True)
+    loss = torch_checkpoint.checkpoint(lambda ids, m, lab: model(input_ids=ids, attention_mask=m, labels=lab).loss,
+                                       batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       use_reentrant=False)
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    _assert_close((loss.detach(), got), want, 1e-5)
