@@ -23,6 +23,8 @@ Methods, each only if importable:
                 pair as one row [prompt | chosen | rejected] only): what each group buys on its own
   dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing + prefix sharing
   dpo_fast_all_unshared  dpo_fast_all without prefix sharing
+  dpo_fast_all_no_tail_skip  dpo_fast_all with recompute_tail_skip=False: the checkpoint recompute runs
+                down_proj in full, as before dpo_fast.patching.recompute (what the skip buys)
   dpo_fast_no_checkpointing  every kernel and prefix sharing with gradient checkpointing off: what skipping
                 the recompute would buy, at the memory of keeping every layer's activations
   dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)
@@ -328,6 +330,8 @@ def _dpo_fast_patch(body: bool, **body_options: bool):
             counts = _body_counts(model) if body else None
             if body and counts is not None:
                 wanted = {**patching.BODY_OPTIONS, **body_options}
+                # the tail skip is part of the QLoRA linear: nothing to count without it
+                wanted["recompute_tail_skip"] = wanted["recompute_tail_skip"] and wanted["qlora_linear"]
                 empty = [k for k, on in wanted.items() if on and not counts.get(k)]
                 if empty:
                     raise RuntimeError(f"dpo_fast.patch swapped no module for {empty} (counts {counts})")
@@ -417,6 +421,10 @@ for _m in (
                _no_checkpointing(_dpo_fast_patch(True, **{k: k != "offload_checkpointing" for k in _ALL_BODY_SWITCHES})),
                _dpo_fast_make(False), "every body kernel + prefix sharing, gradient checkpointing off (no recompute)",
                {"body": "all + prefix_sharing, no checkpointing", "ref": "on the fly"}),
+    StepMethod("dpo_fast_all_no_tail_skip", _needs("dpo_fast.dpo", "dpo_fast.patching"),
+               _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}, recompute_tail_skip=False),
+               _dpo_fast_make(False), "dpo_fast_all with the recompute running down_proj in full (what the skip buys)",
+               {"body": "all + offload_checkpointing + prefix_sharing, no tail skip", "ref": "on the fly"}),
     StepMethod("dpo_fast_all_unshared", _needs("dpo_fast.dpo", "dpo_fast.patching"),
                _dpo_fast_patch(True, **{k: k != "prefix_sharing" for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
                "dpo_fast_all without prefix sharing (what dpo_fast_all was before prefix sharing)",

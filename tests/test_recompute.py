@@ -163,3 +163,17 @@ def test_no_skip_without_checkpointing_or_inside_an_outer_checkpoint(qlora_dir, 
     loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     _assert_close((loss.detach(), got), want, 1e-5)
+
+
+def test_switched_off_nothing_is_wrapped_or_skipped(device, monkeypatch):
+    model = _family_model("llama").to(device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    counts = patch_body(model, recompute_tail_skip=False)
+    assert counts["recompute_tail_skip"] == 0 and counts["qlora_linear"] == 7 * LAYERS
+    layers = model.base_model.model.model.layers
+    assert not any(isinstance(layer._gradient_checkpointing_func, TailSkippingCheckpoint) for layer in layers)
+    skips = _count_tail_skips(monkeypatch)
+    _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+    assert skips == {True: 4 * LAYERS, False: 0}  # o and down, in forward and in the recompute

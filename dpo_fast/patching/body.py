@@ -50,7 +50,8 @@ from .recompute import recomputing, track_layers, untrack_layers
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
 #: The switches of patch_body, in the order they are reported.
-BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing")
+BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing",
+                "recompute_tail_skip")
 
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
@@ -342,14 +343,16 @@ def _state_holder(model: nn.Module) -> nn.Module:
 
 
 def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-               qlora_linear: bool = True, offload_checkpointing: bool = False, prefix_sharing: bool = False
-               ) -> Dict[str, int]:
+               qlora_linear: bool = True, offload_checkpointing: bool = False, prefix_sharing: bool = False,
+               recompute_tail_skip: bool = True) -> Dict[str, int]:
     """Swap dpo_fast's body kernels into `model` in place; returns how many modules each switch changed.
 
     model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 dense), bare or in a
     peft PeftModel. Patching an already patched model first undoes the previous patch.
     prefix_sharing: let the attention modules take packed [prompt | chosen | rejected] rows
     (`dpo_fast.prefix_sharing`); ordinary calls are unchanged.
+    recompute_tail_skip: with qlora_linear, each decoder layer's checkpoint recompute skips down_proj's
+    GEMMs, whose output it throws away (`dpo_fast.patching.recompute`); counted per decoder layer.
     """
     holder = _state_holder(model)
     if _STATE in holder.__dict__:
@@ -397,8 +400,10 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
             if not any_on:
                 m.gradient_checkpointing = True
         counts["offload_checkpointing"] = len(layers)
-    if qlora_linear:
-        track_layers(holder, _mark_tails(model))
+    if qlora_linear and recompute_tail_skip:
+        tails = _mark_tails(model)
+        track_layers(holder, tails)
+        counts["recompute_tail_skip"] = len(tails)
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
                                "counts": dict(counts)}
     return counts
