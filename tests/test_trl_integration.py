@@ -39,16 +39,16 @@ def dataset(n: int = 8) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def build(seed_state, tok, data, tmp_path, name):
+def build(seed_state, tok, data, tmp_path, name, targets=("q_proj", "v_proj"), **config):
     torch.set_rng_state(seed_state)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=list(targets),
                                                             init_lora_weights=False))
     args = trl.DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3,
                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                         beta=0.2, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                         beta=0.2, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **config)
     return trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
 
 
@@ -146,3 +146,44 @@ def test_unsupported_model_falls_back_to_trl_head():
         assert out.log_probs.shape == (2, 8) and torch.isfinite(out.log_probs).all()
     finally:
         dtrl.disable()
+
+
+
+def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monkeypatch):
+    """enable() with the body kernels and TRL's gradient checkpointing on, which TRL sets up in its
+    constructor: the recompute still skips down_proj's GEMMs, and the metrics are TRL's own."""
+    import dpo_fast.patching.body as body
+    from dpo_fast.ops.qlora_linear import lora_linear
+
+    tok, data = tokenizer(), dataset()
+    state = torch.get_rng_state()
+    options = dict(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                   gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    dtrl.disable()
+    plain = build(state, tok, data, tmp_path, "plain", **options)
+    try:
+        dtrl.enable()
+        fast = build(state, tok, data, tmp_path, "fast", **options)
+    finally:
+        dtrl.disable()
+    skipped = []
+
+    def counting(*args, output=True, **kwargs):
+        skipped.append(not output)
+        return lora_linear(*args, output=output, **kwargs)
+
+    monkeypatch.setattr(body, "lora_linear", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain.train()
+        fast.train()
+    # TRL turns checkpointing off and on again around its reference pass (a new function each time); each
+    # policy forward wraps the one in place, so every step's recompute skips
+    layers = fast.model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert sum(skipped) == 3 * len(layers)  # 3 steps, one down_proj per layer and recompute
+    first_plain = next(h for h in plain.state.log_history if "loss" in h)
+    first_fast = next(h for h in fast.state.log_history if "loss" in h)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        a, b = first_plain[key], first_fast[key]
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (key, a, b)
