@@ -177,3 +177,27 @@ def test_switched_off_nothing_is_wrapped_or_skipped(device, monkeypatch):
     skips = _count_tail_skips(monkeypatch)
     _assert_close(_loss_and_grads(model, batch), want, 1e-5)
     assert skips == {True: 4 * LAYERS, False: 0}  # o and down, in forward and in the recompute
+
+
+@pytest.mark.parametrize("precision", ["bf16 weights", "fp32 under bf16 autocast"])
+def test_skip_gives_bitwise_the_same_gradients_as_no_skip(precision, device, monkeypatch):
+    """Only the unread output is skipped: with and without the skip, every gradient is bitwise the same."""
+    import copy
+
+    model = _family_model("llama").to(device)
+    if precision == "bf16 weights":
+        model = model.to(torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    twin = copy.deepcopy(model)
+    patch_body(model)
+    patch_body(twin, recompute_tail_skip=False)
+    batch = _batch(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "bf16 weights")
+    skips = _count_tail_skips(monkeypatch)
+    with autocast:
+        loss, grads = _loss_and_grads(model, batch)
+    assert skips[False] == LAYERS
+    with autocast:
+        twin_loss, twin_grads = _loss_and_grads(twin, batch)
+    assert torch.equal(loss, twin_loss)
+    assert grads.keys() == twin_grads.keys() and all(torch.equal(grads[n], twin_grads[n]) for n in grads)
