@@ -5,8 +5,6 @@ gradients do not change (against the unpatched model, and the op against itself 
 that the skip really happens once per layer and backward, under every way checkpointing gets
 installed, and never where the output is read.
 """
-import tempfile
-
 import pytest
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -16,7 +14,7 @@ from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
 from dpo_fast.ops.qlora_linear import lora_linear
 from dpo_fast.patching.body import patch_body, unpatch_body
 from dpo_fast.patching.recompute import TailSkippingCheckpoint, recomputing, unwrapped
-from test_body_patch import VOCAB, _assert_close, _batch, _llama_config, _loss_and_grads, _qlora_model
+from test_body_patch import VOCAB, _assert_close, _batch, _loss_and_grads, _qlora_model, qlora_dir  # noqa: F401
 
 peft = pytest.importorskip("peft")
 LAYERS = 2
@@ -72,15 +70,6 @@ def _count_tail_skips(monkeypatch) -> dict:
 
     monkeypatch.setattr(body, "lora_linear", counting)
     return counts
-
-
-@pytest.fixture(scope="module")
-def qlora_dir():
-    from transformers import LlamaForCausalLM
-
-    with tempfile.TemporaryDirectory() as d:
-        LlamaForCausalLM(_llama_config()).save_pretrained(d)
-        yield d
 
 
 CHECKPOINTING = ["non-reentrant", "reentrant", "offload", "enabled after patch"]

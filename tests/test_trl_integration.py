@@ -152,8 +152,7 @@ def test_unsupported_model_falls_back_to_trl_head():
 def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monkeypatch):
     """enable() with the body kernels and TRL's gradient checkpointing on, which TRL sets up in its
     constructor: the recompute still skips down_proj's GEMMs, and the metrics are TRL's own."""
-    import dpo_fast.patching.body as body
-    from dpo_fast.ops.qlora_linear import lora_linear
+    from test_recompute import _count_tail_skips
 
     tok, data = tokenizer(), dataset()
     state = torch.get_rng_state()
@@ -166,13 +165,7 @@ def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monk
         fast = build(state, tok, data, tmp_path, "fast", **options)
     finally:
         dtrl.disable()
-    skipped = []
-
-    def counting(*args, output=True, **kwargs):
-        skipped.append(not output)
-        return lora_linear(*args, output=output, **kwargs)
-
-    monkeypatch.setattr(body, "lora_linear", counting)
+    skips = _count_tail_skips(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain.train()
@@ -181,7 +174,7 @@ def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monk
     # policy forward wraps the one in place, so every step's recompute skips
     layers = fast.model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
-    assert sum(skipped) == 3 * len(layers)  # 3 steps, one down_proj per layer and recompute
+    assert skips[False] == 3 * len(layers)  # 3 steps, one down_proj per layer and recompute
     first_plain = next(h for h in plain.state.log_history if "loss" in h)
     first_fast = next(h for h in fast.state.log_history if "loss" in h)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
