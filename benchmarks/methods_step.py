@@ -24,7 +24,7 @@ Methods, each only if importable:
   dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing + prefix sharing
   dpo_fast_all_unshared  dpo_fast_all without prefix sharing
   dpo_fast_all_no_tail_skip  dpo_fast_all with recompute_tail_skip=False: the checkpoint recompute runs
-                down_proj in full, as before dpo_fast.patching.recompute (what the skip buys)
+                down_proj in full, as before dpo_fast.patching.checkpointing (what the skip buys)
   dpo_fast_no_checkpointing  every kernel and prefix sharing with gradient checkpointing off: what skipping
                 the recompute would buy, at the memory of keeping every layer's activations
   dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)

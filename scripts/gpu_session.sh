@@ -150,7 +150,7 @@ for p in "${PHASES[@]}"; do
       # DPOTrainer with dpo_fast enabled, and the trainer (4-bit loading, paged 8-bit AdamW, bf16 autocast).
       # Kernel-level checks are gpu_check's. No -x: show every failure (--maxfail bounds the log).
       phase tests "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=10 \
-        --durations=5 tests/test_body_kernels.py tests/test_body_patch.py tests/test_recompute.py tests/test_patch.py tests/test_prefix_sharing.py \
+        --durations=5 tests/test_body_kernels.py tests/test_body_patch.py tests/test_checkpointing.py tests/test_patch.py tests/test_prefix_sharing.py \
         tests/test_trl_integration.py tests/test_train.py -k "not short_dpo_run and not ctrl_c and not resume" ;;
     step8b)
       # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak

@@ -12,7 +12,7 @@ import torch
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
 from dpo_fast.patching.body import patch_body, unpatch_body
-from dpo_fast.patching.recompute import unwrapped
+from dpo_fast.patching.checkpointing import unwrapped
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

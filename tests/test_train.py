@@ -266,7 +266,7 @@ def test_offloaded_checkpointing_trains_the_same_as_plain(tok, tmp_path):
     """offload_checkpointing=True (CLI --offload-checkpointing) patches offloaded checkpointing into every
     decoder layer and gives the same losses and LoRA weights as plain gradient checkpointing."""
     from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
-    from dpo_fast.patching.recompute import unwrapped
+    from dpo_fast.patching.checkpointing import unwrapped
 
     seed, data = fresh_seed(), make_preference_dataset(48, seed=fresh_seed())
     runs = {}

@@ -149,10 +149,13 @@ def test_unsupported_model_falls_back_to_trl_head():
 
 
 
-def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monkeypatch):
-    """enable() with the body kernels and TRL's gradient checkpointing on, which TRL sets up in its
-    constructor: the recompute still skips down_proj's GEMMs, and the metrics are TRL's own."""
-    from test_recompute import _count_tail_skips
+@pytest.mark.parametrize("offload", [False, True])
+def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monkeypatch, offload):
+    """enable() with the body kernels and TRL's gradient checkpointing on. TRL turns checkpointing off and
+    on again around every reference pass, which puts transformers' checkpoint function back on every
+    layer; each policy forward still offloads (when asked) and skips down_proj in the recompute, and the
+    metrics are TRL's own."""
+    from test_checkpointing import _count_parked, _count_tail_skips
 
     tok, data = tokenizer(), dataset()
     state = torch.get_rng_state()
@@ -161,20 +164,21 @@ def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monk
     dtrl.disable()
     plain = build(state, tok, data, tmp_path, "plain", **options)
     try:
-        dtrl.enable()
+        dtrl.enable(offload_checkpointing=offload)
         fast = build(state, tok, data, tmp_path, "fast", **options)
     finally:
         dtrl.disable()
+    parked = _count_parked(monkeypatch)
     skips = _count_tail_skips(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain.train()
         fast.train()
-    # TRL turns checkpointing off and on again around its reference pass (a new function each time); each
-    # policy forward wraps the one in place, so every step's recompute skips
     layers = fast.model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
-    assert skips[False] == 3 * len(layers)  # 3 steps, one down_proj per layer and recompute
+    # 3 steps: one down_proj per layer and recompute; with offload, one parked input per layer and step
+    assert skips[False] == 3 * len(layers)
+    assert len(parked) == (3 * len(layers) if offload else 0)
     first_plain = next(h for h in plain.state.log_history if "loss" in h)
     first_fast = next(h for h in fast.state.log_history if "loss" in h)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):

@@ -77,8 +77,11 @@ def enable(*, body: bool = True, **patch_options: Any) -> None:
     """Make TRL trainers built from now on use dpo_fast's fused head. Idempotent.
 
     Options are those of `dpo_fast.patch` (`body`, `rms_norm`, `rope`, `swiglu`, `qlora_linear`,
-    `offload_checkpointing`, `prefix_sharing`). With ``prefix_sharing=True``, DPOTrainer's policy and
-    reference calls run each chosen/rejected pair as one row [prompt | chosen | rejected].
+    `offload_checkpointing`, `prefix_sharing`, `recompute_tail_skip`). With ``prefix_sharing=True``,
+    DPOTrainer's policy and reference calls run each chosen/rejected pair as one row
+    [prompt | chosen | rejected]. With ``offload_checkpointing=True``, TRL's gradient checkpointing
+    offloads each layer's input (TRL re-enables checkpointing around every reference pass; the patched
+    model puts dpo_fast's function back on its next call, dpo_fast.patching.checkpointing).
     Raises RuntimeError for an unsupported trl version.
     """
     from dpo_fast.patching import BODY_OPTIONS

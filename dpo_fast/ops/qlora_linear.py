@@ -11,7 +11,7 @@ branch's intermediates and casts. Each operand is cast once, where it is made: o
 a kernel launch the CPU has to issue, and a step runs this op 7 times per layer and pass.
 
 With ``output=False`` (a gradient-checkpointing recompute of a layer's last projection, whose output
-nobody reads: dpo_fast.patching.recompute) forward skips both GEMMs and returns an uninitialized y.
+nobody reads: dpo_fast.patching.checkpointing) forward skips both GEMMs and returns an uninitialized y.
 
 The LoRA term is computed first and the base GEMM accumulates onto it (cuBLAS beta=1), in forward
 (y) and backward (grad_x). Adding it after the GEMM instead is a separate read-modify-write pass over
@@ -201,7 +201,7 @@ def lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: 
         dropout_p: LoRA dropout probability, applied to x on the LoRA branch only.
         mask: optional bool keep-mask shaped like x (drawn with `dropout_mask` when None and p > 0).
         output: False when the caller will never read y's values, only back-propagate through it (a
-            gradient-checkpointing recompute of a layer's last projection, dpo_fast.patching.recompute):
+            gradient-checkpointing recompute of a layer's last projection, dpo_fast.patching.checkpointing):
             y is then an uninitialized tensor of the right shape and dtype, the GEMMs that would fill it
             are skipped, and backward is unchanged.
     """

@@ -13,7 +13,8 @@
 and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
 layers' gradient-checkpointing function (enabling checkpointing if it was off). With the QLoRA linear
 on, each decoder layer's checkpoint function (whichever it is) is wrapped so that the layer's recompute
-in backward skips its last projection's GEMMs, whose output nobody reads (dpo_fast.patching.recompute).
+in backward skips its last projection's GEMMs, whose output nobody reads. Both stay in place when a
+trainer re-enables checkpointing later (dpo_fast.patching.checkpointing).
 
 Only instance attributes change: classes, parameters, buffers and state-dict keys stay exactly as
 they were, so saving and loading are unaffected; `unpatch_body` deletes the instance forwards (or
@@ -38,14 +39,14 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from ..ops.offload_checkpoint import offloaded_checkpoint
 from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
 from ..ops.qlora_group import apply_group, can_group
 from ..ops.qlora_linear import is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
-from .recompute import recomputing, track_layers, untrack_layers
+from . import checkpointing as layer_checkpointing
+from .checkpointing import recomputing
 
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
@@ -206,7 +207,7 @@ def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     if plan is None:
         return _original_forward(self)(x, *args, **kwargs)
     lora_a, lora_b, scaling, p = plan
-    # in a checkpoint recompute a layer's tail output is never read: skip its GEMMs (patching.recompute)
+    # in a checkpoint recompute a layer's tail output is never read: skip its GEMMs (patching.checkpointing)
     output = not (recomputing() and self.__dict__.get(_TAIL, False))
     return lora_linear(x, self.base_layer, lora_a, lora_b, scaling, dropout_p=p, output=output)
 
@@ -352,7 +353,7 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     prefix_sharing: let the attention modules take packed [prompt | chosen | rejected] rows
     (`dpo_fast.prefix_sharing`); ordinary calls are unchanged.
     recompute_tail_skip: with qlora_linear, each decoder layer's checkpoint recompute skips down_proj's
-    GEMMs, whose output it throws away (`dpo_fast.patching.recompute`); counted per decoder layer.
+    GEMMs, whose output it throws away (`dpo_fast.patching.checkpointing`); counted per decoder layer.
     """
     holder = _state_holder(model)
     if _STATE in holder.__dict__:
@@ -396,14 +397,12 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
         for m in layers:
             checkpointing.append((m, m.__dict__.get("_gradient_checkpointing_func", _MISSING),
                                   m.__dict__.get("gradient_checkpointing", _MISSING)))
-            m._gradient_checkpointing_func = offloaded_checkpoint
             if not any_on:
                 m.gradient_checkpointing = True
         counts["offload_checkpointing"] = len(layers)
-    if qlora_linear and recompute_tail_skip:
-        tails = _mark_tails(model)
-        track_layers(holder, tails)
-        counts["recompute_tail_skip"] = len(tails)
+    tails = _mark_tails(model) if qlora_linear and recompute_tail_skip else []
+    counts["recompute_tail_skip"] = len(tails)
+    layer_checkpointing.install(holder, offload=[m for m, _, _ in checkpointing], tail_skip=tails)  # sets them
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
                                "counts": dict(counts)}
     return counts
@@ -467,7 +466,7 @@ def unpatch_body(model: nn.Module) -> nn.Module:
     """Undo `patch_body`: restore every original forward and checkpointing setting; returns model."""
     holder = _state_holder(model)
     state = holder.__dict__.pop(_STATE, None)
-    untrack_layers(holder)
+    layer_checkpointing.uninstall(holder)
     for module in model.modules():
         if _PREV in module.__dict__:
             _restore_forward(module)

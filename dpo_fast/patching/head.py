@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .recompute import rewrap_layers
+from .checkpointing import refresh as refresh_checkpointing
 
 IGNORE_INDEX = -100
 #: Per-token fields the head can return (TRL's names). `log_probs` is always computed.
@@ -93,8 +93,9 @@ def head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def backbone_hidden(causal_lm: nn.Module, *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, nn.Module]:
     """Run only the decoder stack: (last hidden states [B, T, d] on the head's device, the lm_head module)."""
     kwargs["use_cache"] = False
-    # checkpointing enabled after patch() (TRL's trainer does it) gets the recompute skip too
-    rewrap_layers(causal_lm)
+    # checkpointing re-enabled after patch() (TRL does it around every reference pass) gets back the
+    # checkpoint functions patch() set: offloading, the recompute tail skip
+    refresh_checkpointing(causal_lm)
     hidden = backbone_of(causal_lm)(*args, **kwargs).last_hidden_state
     head = causal_lm.get_output_embeddings()
     return hidden.to(head.weight.device), head
@@ -173,7 +174,7 @@ def make_fused_forward(causal_lm: nn.Module) -> Callable[..., Any]:
                 num_items_in_batch=None, **kwargs):
         state = self._dpo_fast_patch
         if not fused_lm_head:
-            rewrap_layers(self)  # as in backbone_hidden
+            refresh_checkpointing(self)  # as in backbone_hidden
             for key, val in (("labels", labels), ("shift_labels", shift_labels),
                              ("num_items_in_batch", num_items_in_batch)):
                 if val is not None:

@@ -1,19 +1,21 @@
-"""The checkpoint recompute skips its layer's tail GEMMs (dpo_fast.patching.recompute) and stays exact.
+"""The layers' checkpoint functions patch() sets (dpo_fast.patching.checkpointing), and the recompute tail skip.
 
 In a recompute the patched down_proj runs its LoRA op with output=False. These tests check that the
 gradients do not change (against the unpatched model, and the op against itself with output=True),
 that the skip really happens once per layer and backward, under every way checkpointing gets
-installed, and never where the output is read.
+installed, and never where the output is read; and that offloaded checkpointing and the skip come back
+when checkpointing is enabled again after patch().
 """
 import pytest
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
+import dpo_fast.ops.offload_checkpoint as offload_module
 import dpo_fast.patching.body as body
 from dpo_fast.ops.offload_checkpoint import offloaded_checkpoint
 from dpo_fast.ops.qlora_linear import lora_linear
 from dpo_fast.patching.body import patch_body, unpatch_body
-from dpo_fast.patching.recompute import TailSkippingCheckpoint, recomputing, unwrapped
+from dpo_fast.patching.checkpointing import TailSkippingCheckpoint, recomputing, unwrapped
 from test_body_patch import VOCAB, _assert_close, _batch, _loss_and_grads, _qlora_model, qlora_dir  # noqa: F401
 
 peft = pytest.importorskip("peft")
@@ -58,6 +60,19 @@ def test_lora_linear_without_output_back_propagates_the_same(dtype, p):
         grads.append([xs.grad, as_.grad, bs.grad])
     for with_output, without in zip(*grads):
         assert torch.equal(with_output, without)
+
+
+def _count_parked(monkeypatch) -> list:
+    """The shapes of the layer inputs offloaded checkpointing parks, in order."""
+    parked = []
+    real_init = offload_module._Parked.__init__
+
+    def counting_init(self, x):
+        parked.append(x.shape)
+        real_init(self, x)
+
+    monkeypatch.setattr(offload_module._Parked, "__init__", counting_init)
+    return parked
 
 
 def _count_tail_skips(monkeypatch) -> dict:
@@ -190,3 +205,34 @@ def test_skip_gives_bitwise_the_same_gradients_as_no_skip(precision, device, mon
         twin_loss, twin_grads = _loss_and_grads(twin, batch)
     assert torch.equal(loss, twin_loss)
     assert grads.keys() == twin_grads.keys() and all(torch.equal(grads[n], twin_grads[n]) for n in grads)
+
+
+def test_offload_and_skip_come_back_after_checkpointing_is_enabled_again(qlora_dir, device, monkeypatch):
+    """gradient_checkpointing_enable() after patch(offload_checkpointing=True) (a trainer starting, TRL's
+    reference pass) puts transformers' function on every layer; the next call of the patched model puts
+    back the offloaded one, wrapped, and the step offloads and skips; unpatch restores the original settings."""
+    from dpo_fast.patching import patch, unpatch
+    from dpo_fast.patching.head import backbone_hidden
+
+    model = _qlora_model(qlora_dir, torch.float32, device)
+    batch = _batch(device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    want = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_disable()
+    layers = model.base_model.model.model.layers
+    before = [dict(layer.__dict__) for layer in layers]
+    patch(model, offload_checkpointing=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not any(unwrapped(layer._gradient_checkpointing_func) is offloaded_checkpoint for layer in layers)
+    backbone_hidden(model.base_model.model, input_ids=batch["input_ids"][:, :3])
+    for layer in layers:
+        func = layer._gradient_checkpointing_func
+        assert isinstance(func, TailSkippingCheckpoint) and func.inner is offloaded_checkpoint
+    parked = _count_parked(monkeypatch)
+    skips = _count_tail_skips(monkeypatch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # once more
+    _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+    assert len(parked) == LAYERS and skips[False] == LAYERS
+    unpatch(model)
+    assert [layer.__dict__.keys() for layer in layers] == [b.keys() for b in before]
+    assert not any(layer.gradient_checkpointing for layer in layers)
