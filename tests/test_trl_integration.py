@@ -149,8 +149,8 @@ def test_unsupported_model_falls_back_to_trl_head():
 
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monkeypatch, offload):
+@pytest.mark.parametrize("offload,prefix_sharing", [(False, False), (True, False), (True, True)])
+def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monkeypatch, offload, prefix_sharing):
     """enable() with the body kernels and TRL's gradient checkpointing on. TRL turns checkpointing off and
     on again around every reference pass, which puts transformers' checkpoint function back on every
     layer; each policy forward still offloads (when asked) and skips down_proj in the recompute, and the
@@ -164,7 +164,7 @@ def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monk
     dtrl.disable()
     plain = build(state, tok, data, tmp_path, "plain", **options)
     try:
-        dtrl.enable(offload_checkpointing=offload)
+        dtrl.enable(offload_checkpointing=offload, prefix_sharing=prefix_sharing)
         fast = build(state, tok, data, tmp_path, "fast", **options)
     finally:
         dtrl.disable()
@@ -179,6 +179,7 @@ def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monk
     # 3 steps: one down_proj per layer and recompute; with offload, one parked input per layer and step
     assert skips[False] == 3 * len(layers)
     assert len(parked) == (3 * len(layers) if offload else 0)
+    assert all(shape[0] == (4 if prefix_sharing else 8) for shape in parked)  # 4 pairs: packed rows, or 8 rows
     first_plain = next(h for h in plain.state.log_history if "loss" in h)
     first_fast = next(h for h in fast.state.log_history if "loss" in h)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
