@@ -17,6 +17,7 @@ from dpo_fast.ops.qlora_linear import lora_linear
 from dpo_fast.patching.body import patch_body, unpatch_body
 from dpo_fast.patching.checkpointing import TailSkippingCheckpoint, recomputing, unwrapped
 from test_body_patch import VOCAB, _assert_close, _batch, _loss_and_grads, _qlora_model, qlora_dir  # noqa: F401
+from test_prefix_sharing import _lora_model
 
 peft = pytest.importorskip("peft")
 LAYERS = 2
@@ -123,17 +124,8 @@ def test_qlora_llama_recompute_skips_down_proj_and_matches(qlora_dir, checkpoint
 
 
 def _family_model(family: str):
-    import transformers
-
-    cfg = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=LAYERS, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
-    if family == "qwen3":
-        cfg["head_dim"] = 12
-    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**cfg))
-    model.requires_grad_(False)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    return peft.get_peft_model(model, lora).train()
+    """test_prefix_sharing's tiny peft LoRA model of `family`, with test_body_patch's vocabulary (for _batch)."""
+    return _lora_model(family, vocab_size=VOCAB, num_hidden_layers=LAYERS)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])

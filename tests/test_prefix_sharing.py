@@ -152,6 +152,8 @@ def _config(family, **kw):
         return transformers.Qwen3Config(head_dim=12, **common)
     if family == "mistral":
         return transformers.MistralConfig(**{"sliding_window": None, **common})
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
     raise ValueError(family)
 
 
