@@ -24,7 +24,7 @@ Methods, each only if importable:
   dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing + prefix sharing
   dpo_fast_all_unshared  dpo_fast_all without prefix sharing
   dpo_fast_all_no_tail_skip  dpo_fast_all with recompute_tail_skip=False: the checkpoint recompute runs
-                down_proj in full, as before dpo_fast.patching.checkpointing (what the skip buys)
+                down_proj and o_proj in full, as before dpo_fast.patching.checkpointing (what the skips buy)
   dpo_fast_no_checkpointing  every kernel and prefix sharing with gradient checkpointing off: what skipping
                 the recompute would buy, at the memory of keeping every layer's activations
   dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)
@@ -423,7 +423,7 @@ for _m in (
                {"body": "all + prefix_sharing, no checkpointing", "ref": "on the fly"}),
     StepMethod("dpo_fast_all_no_tail_skip", _needs("dpo_fast.dpo", "dpo_fast.patching"),
                _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}, recompute_tail_skip=False),
-               _dpo_fast_make(False), "dpo_fast_all with the recompute running down_proj in full (what the skip buys)",
+               _dpo_fast_make(False), "dpo_fast_all with the recompute running down_proj and o_proj in full (what the skips buy)",
                {"body": "all + offload_checkpointing + prefix_sharing, no tail skip", "ref": "on the fly"}),
     StepMethod("dpo_fast_all_unshared", _needs("dpo_fast.dpo", "dpo_fast.patching"),
                _dpo_fast_patch(True, **{k: k != "prefix_sharing" for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),

@@ -156,7 +156,7 @@ for p in "${PHASES[@]}"; do
       # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak
       # memory vs unpatched TRL; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it;
       # dpo_fast_no_checkpointing (no recompute, all activations kept) bounds what partial recompute could buy;
-      # dpo_fast_all_no_tail_skip is dpo_fast_all with the recompute running down_proj in full
+      # dpo_fast_all_no_tail_skip is dpo_fast_all with the recompute running down_proj and o_proj in full
       clocks step_8b
       phase step_8b "${STEP8B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.1-8b --step-sizes 2x2048 \
         --methods trl dpo_fast dpo_fast_all dpo_fast_all_unshared dpo_fast_all_no_tail_skip \

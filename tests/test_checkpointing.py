@@ -64,15 +64,16 @@ def test_lora_linear_without_output_back_propagates_the_same(dtype, p):
 
 
 def _count_parked(monkeypatch) -> list:
-    """The shapes of the layer inputs offloaded checkpointing parks, in order."""
+    """The shapes of the tensors offloaded checkpointing parks, in order; the extra ones (a layer's mid residual,
+    parked beside its input) as ("mid", shape)."""
     parked = []
-    real_init = offload_module._Parked.__init__
+    real_add = offload_module._Parked.add
 
-    def counting_init(self, x):
-        parked.append(x.shape)
-        real_init(self, x)
+    def counting_add(self, t):
+        parked.append(("mid", t.shape) if self.host else t.shape)
+        real_add(self, t)
 
-    monkeypatch.setattr(offload_module._Parked, "__init__", counting_init)
+    monkeypatch.setattr(offload_module._Parked, "add", counting_add)
     return parked
 
 
@@ -112,9 +113,10 @@ def test_qlora_llama_recompute_skips_down_proj_and_matches(qlora_dir, checkpoint
     assert all(isinstance(layer._gradient_checkpointing_func, TailSkippingCheckpoint) for layer in layers)
     counts = _count_tail_skips(monkeypatch)
     got = _loss_and_grads(model, batch)
-    # forward: 2 single ops (o, down) per layer, q/k/v and gate/up grouped; the recompute: o in full, down
-    # without its output
-    assert counts == {True: 3 * LAYERS, False: LAYERS}, counts
+    # forward: 2 single ops (o, down) per layer, q/k/v and gate/up grouped; the recompute: o in full (without
+    # its output when offloading parked the mid residual), down without its output
+    offload = checkpointing == "offload"
+    assert counts == ({True: 2 * LAYERS, False: 2 * LAYERS} if offload else {True: 3 * LAYERS, False: LAYERS}), counts
     _assert_close(got, want, 1e-5)
     unpatch_body(model)
     if checkpointing in ("non-reentrant", "reentrant"):
@@ -128,17 +130,59 @@ def _family_model(family: str):
     return _lora_model(family, vocab_size=VOCAB, num_hidden_layers=LAYERS)
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_every_family_recomputes_exactly(family, device, monkeypatch):
-    """Each supported decoder layer feeds down_proj's output only to its residual add: skipping it is exact."""
+def test_every_family_recomputes_exactly(family, offload, device, monkeypatch):
+    """Each supported decoder layer feeds down_proj's output only to its residual add, and o_proj's only to the
+    mid residual that offloading parks: skipping them is exact."""
     model = _family_model(family).to(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = _batch(device)
     want = _loss_and_grads(model, batch)
-    patch_body(model)
+    patch_body(model, offload_checkpointing=offload)
     counts = _count_tail_skips(monkeypatch)
     _assert_close(_loss_and_grads(model, batch), want, 1e-5)
-    assert counts[False] == LAYERS
+    assert counts[False] == LAYERS * (2 if offload else 1)
+
+
+def test_park_returns_the_forward_tensor_in_the_recompute(device):
+    """A tensor a layer parks in its offloaded forward comes back, bitwise, in its recompute (here the
+    recompute would compute another value), and the gradient reaches what the recompute computed."""
+    from dpo_fast.ops.offload_checkpoint import park, parked
+    from dpo_fast.patching.checkpointing import mid_residual
+
+    weight = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    calls, seen = [], []
+
+    def layer(x):
+        calls.append(parked())
+        mid = x * weight + 0.5 * len(calls)  # a different value in the recompute
+        used = mid_residual(mid)
+        seen.append(used.detach().clone())
+        return (used * used).sum(-1)
+
+    assert park(torch.ones(2)) is False and parked() is None  # outside an offloaded forward: nothing parked
+    x = torch.randn(3, 5, dtype=torch.float64, device=device)
+    offloaded_checkpoint(layer, x).sum().backward()
+    assert calls[0] is None and calls[1] is not None and torch.equal(seen[1], seen[0])
+    mid = x * weight + 0.5
+    torch.testing.assert_close(weight.grad, (2 * mid * x).sum(0), rtol=1e-12, atol=1e-12)
+    assert parked() is None
+
+
+def test_offload_without_the_norm_kernel_keeps_o_proj(device, monkeypatch):
+    """The mid residual is parked by dpo_fast's post-attention norm: with rms_norm=False nothing is parked
+    beside the layer inputs and the recompute runs o_proj in full."""
+    model = _family_model("llama").to(device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _batch(device)
+    want = _loss_and_grads(model, batch)
+    patch_body(model, rms_norm=False, offload_checkpointing=True)
+    parked = _count_parked(monkeypatch)
+    counts = _count_tail_skips(monkeypatch)
+    _assert_close(_loss_and_grads(model, batch), want, 1e-5)
+    assert counts == {True: 3 * LAYERS, False: LAYERS} and len(parked) == LAYERS
+    assert not any(p[0] == "mid" for p in parked)
 
 
 def test_no_skip_without_checkpointing_or_inside_an_outer_checkpoint(qlora_dir, device, monkeypatch):
@@ -175,9 +219,10 @@ def test_switched_off_nothing_is_wrapped_or_skipped(device, monkeypatch):
     assert skips == {True: 4 * LAYERS, False: 0}  # o and down, in forward and in the recompute
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("precision", ["bf16 weights", "fp32 under bf16 autocast"])
-def test_skip_gives_bitwise_the_same_gradients_as_no_skip(precision, device, monkeypatch):
-    """Only the unread output is skipped: with and without the skip, every gradient is bitwise the same."""
+def test_skip_gives_bitwise_the_same_gradients_as_no_skip(precision, offload, device, monkeypatch):
+    """Only the unread outputs are skipped: with and without the skip, every gradient is bitwise the same."""
     import copy
 
     model = _family_model("llama").to(device)
@@ -185,14 +230,14 @@ def test_skip_gives_bitwise_the_same_gradients_as_no_skip(precision, device, mon
         model = model.to(torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     twin = copy.deepcopy(model)
-    patch_body(model)
-    patch_body(twin, recompute_tail_skip=False)
+    patch_body(model, offload_checkpointing=offload)
+    patch_body(twin, offload_checkpointing=offload, recompute_tail_skip=False)
     batch = _batch(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "bf16 weights")
     skips = _count_tail_skips(monkeypatch)
     with autocast:
         loss, grads = _loss_and_grads(model, batch)
-    assert skips[False] == LAYERS
+    assert skips[False] == LAYERS * (2 if offload else 1)
     with autocast:
         twin_loss, twin_grads = _loss_and_grads(twin, batch)
     assert torch.equal(loss, twin_loss)
@@ -224,7 +269,7 @@ def test_offload_and_skip_come_back_after_checkpointing_is_enabled_again(qlora_d
     skips = _count_tail_skips(monkeypatch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # once more
     _assert_close(_loss_and_grads(model, batch), want, 1e-5)
-    assert len(parked) == LAYERS and skips[False] == LAYERS
+    assert [p[0] == "mid" for p in parked] == [False, True] * LAYERS and skips[False] == 2 * LAYERS
     unpatch(model)
     assert [layer.__dict__.keys() for layer in layers] == [b.keys() for b in before]
     assert not any(layer.gradient_checkpointing for layer in layers)

@@ -34,15 +34,18 @@ def test_scaled_keeps_head_dim_and_gqa_ratio():
         (512, 1792, 16032, 4)
 
 
-def test_tail_skip_removes_exactly_down_projs_recompute_gemms():
-    """Per layer, the skip removes down_proj's base GEMM and its LoRA B term over every body token, nothing else."""
+def test_tail_skip_removes_exactly_down_and_o_projs_recompute_gemms():
+    """Per layer, the skip removes down_proj's and (offloaded, as in dpo_fast_all) o_proj's base GEMMs and LoRA B
+    terms over every body token, nothing else."""
     shape, pairs, seq = get_model("tiny"), 2, 16
     rows = {r["method"]: r for r in run(shape, ["dpo_fast_all_no_tail_skip", "dpo_fast_all", "trl"], pairs, seq)}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     prompt = int(seq * PROMPT_FRACTION)
     tokens = pairs * (2 * seq - prompt)  # prefix sharing: one [prompt | chosen | rejected] row per pair
     hidden, inter, rank = shape.hidden_size, shape.intermediate_size, 16  # build_model's LoRA r
-    per_layer = 2 * tokens * inter * hidden + 2 * tokens * rank * hidden
+    down = 2 * tokens * inter * hidden + 2 * tokens * rank * hidden
+    o_proj = 2 * tokens * hidden * hidden + 2 * tokens * rank * hidden  # [heads x head_dim = hidden] -> hidden
+    per_layer = down + o_proj
     delta = (rows["dpo_fast_all_no_tail_skip"]["gflop"] - rows["dpo_fast_all"]["gflop"]) * 1e9
     assert delta == pytest.approx(shape.num_hidden_layers * per_layer, rel=1e-9)
     assert rows["dpo_fast_all_no_tail_skip"]["vs_first"] == 1.0 and rows["dpo_fast_all"]["vs_first"] < 1.0

@@ -176,10 +176,12 @@ def test_dpo_trainer_with_body_kernels_and_gradient_checkpointing(tmp_path, monk
         fast.train()
     layers = fast.model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
-    # 3 steps: one down_proj per layer and recompute; with offload, one parked input per layer and step
-    assert skips[False] == 3 * len(layers)
-    assert len(parked) == (3 * len(layers) if offload else 0)
-    assert all(shape[0] == (4 if prefix_sharing else 8) for shape in parked)  # 4 pairs: packed rows, or 8 rows
+    # 3 steps: one down_proj per layer and recompute (and o_proj with offload); with offload, one parked
+    # input and one parked mid residual per layer and step
+    assert skips[False] == 3 * len(layers) * (2 if offload else 1)
+    assert [p[0] == "mid" for p in parked] == [False, True] * (3 * len(layers) if offload else 0)
+    rows = [p[1] if p[0] == "mid" else p for p in parked]
+    assert all(shape[0] == (4 if prefix_sharing else 8) for shape in rows)  # 4 pairs: packed rows, or 8 rows
     first_plain = next(h for h in plain.state.log_history if "loss" in h)
     first_fast = next(h for h in fast.state.log_history if "loss" in h)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):

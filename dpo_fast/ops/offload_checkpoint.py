@@ -13,15 +13,43 @@ It has the signature transformers expects of ``_gradient_checkpointing_func`` (i
 ``use_reentrant`` are accepted and ignored). The RNG state (CPU and the tensor's CUDA device) and the
 autocast state are restored for the recompute, so dropout masks match. Works on CPU tensors too
 (the "offload" is then a copy), which is how it is tested without a GPU.
+
+A layer may park one more tensor of its own with its input: `park(t)` during the checkpointed forward
+copies t to host memory beside the input, and during the recompute `parked()` returns it, back on the
+device. dpo_fast's patched decoder layers park their mid-layer residual this way, so the recompute can
+skip o_proj's GEMMs (dpo_fast.patching.checkpointing).
 """
 from __future__ import annotations
 
+import contextvars
 import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
 
 _copy_streams: dict = {}
+
+# the parked inputs of the layer whose checkpointed forward is running (park() adds to them)
+_FORWARD: contextvars.ContextVar[Optional["_Parked"]] = contextvars.ContextVar("dpo_fast_offload_forward",
+                                                                               default=None)
+# during a layer's recompute: the tensor its forward parked with park(), back on the device
+_RELOADED: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("dpo_fast_offload_reloaded",
+                                                                                  default=None)
+
+
+def park(t: torch.Tensor) -> bool:
+    """In an offloaded checkpoint's forward, park `t` in host memory with the layer's input, to get it back
+    from `parked()` in the recompute (one tensor per layer call). False (nothing parked) anywhere else."""
+    current = _FORWARD.get()
+    if current is None or len(current.host) > 1:
+        return False
+    current.add(t)
+    return True
+
+
+def parked() -> Optional[torch.Tensor]:
+    """In an offloaded checkpoint's recompute, the tensor its forward parked with `park`, else None."""
+    return _RELOADED.get()
 
 
 def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -32,10 +60,10 @@ def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 class _Parked:
-    """One layer input parked in host memory, and its way back.
+    """One layer's input (and the tensor it `park`ed, if any) in host memory, and the way back.
 
     Backward runs the layers in the reverse order of forward, so while layer k is recomputed and
-    back-propagated, the input of layer k-1 (the layer forward ran just before k, `previous`) is
+    back-propagated, the tensors of layer k-1 (the layer forward ran just before k, `previous`) are
     already being copied back on the side stream: the GPU never waits for a reload. Each parked
     input knows the one parked before it (a weak reference, so a graph that is dropped frees its
     memory); a prefetch for a layer whose backward never comes is only a wasted copy.
@@ -48,44 +76,52 @@ class _Parked:
         self.device = x.device
         self.previous = _Parked._last
         _Parked._last = weakref.ref(self)
-        self.back: Optional[torch.Tensor] = None   # the reloaded copy, once issued
-        self.event = None                          # CUDA: the copy stream's event after the reload
-        if not x.is_cuda:
-            self.host, self.stream = x.detach().clone(), None
+        self.back: Optional[List[torch.Tensor]] = None   # the reloaded copies, once issued
+        self.event = None                                # CUDA: the copy stream's event after the reload
+        self.stream = _copy_stream(x.device) if x.is_cuda else None
+        self.host: Optional[List[torch.Tensor]] = []
+        self.add(x)
+
+    def add(self, t: torch.Tensor) -> None:
+        """Start copying `t` to host memory (a copy on CPU)."""
+        if self.stream is None:
+            self.host.append(t.detach().clone())
             return
         # pinned host memory (PyTorch's caching host allocator: no cudaHostAlloc after the first step)
-        self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
-        self.stream = _copy_stream(x.device)
-        self.stream.wait_stream(torch.cuda.current_stream(x.device))
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(self.stream):
-            self.host.copy_(x.detach(), non_blocking=True)
-            x.record_stream(self.stream)  # keep x's memory alive until the copy is done
+            host.copy_(t.detach(), non_blocking=True)
+            t.record_stream(self.stream)  # keep t's memory alive until the copy is done
+        self.host.append(host)
 
     def prefetch(self) -> None:
-        """Start copying the input back to its device (once)."""
+        """Start copying the parked tensors back to their device (once)."""
         if self.back is not None or self.host is None:
             return
         if self.stream is None:
             self.back = self.host
         else:
             with torch.cuda.stream(self.stream):
-                self.back = self.host.to(self.device, non_blocking=True)
+                self.back = [h.to(self.device, non_blocking=True) for h in self.host]
                 self.event = torch.cuda.Event()
                 self.event.record(self.stream)
-        self.host = None  # the pinned block goes back to the caching allocator once the copy is done
+        self.host = None  # the pinned blocks go back to the caching allocator once the copies are done
 
-    def take(self) -> torch.Tensor:
-        """The input on its device, usable on the current stream; prefetches the previous layer's input."""
+    def take(self) -> List[torch.Tensor]:
+        """[input, parked tensor if any] on their device, usable on the current stream; prefetches the
+        previous layer's."""
         self.prefetch()
-        x, self.back = self.back, None
+        tensors, self.back = self.back, None
         if self.event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.event)
-            x.record_stream(current)
+            for t in tensors:
+                t.record_stream(current)
         previous = self.previous() if self.previous is not None else None
         if previous is not None:
             previous.prefetch()
-        return x
+        return tensors
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -98,9 +134,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type)) \
             if hidden.device.type in ("cuda", "cpu") else (False, None)
-        with torch.no_grad():
-            outputs = run_function(hidden, *args)
         ctx.parked = _Parked(hidden)
+        token = _FORWARD.set(ctx.parked)
+        try:
+            with torch.no_grad():
+                outputs = run_function(hidden, *args)
+        finally:
+            _FORWARD.reset(token)
         tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.tensor_idx = tensor_idx
         ctx.args = [None if i in tensor_idx else a for i, a in enumerate(args)]
@@ -112,7 +152,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if ctx.parked is None:
             raise RuntimeError("offloaded_checkpoint: a layer's backward ran twice (retain_graph=True); its "
                                "parked input was already used. Use plain gradient checkpointing for that.")
-        hidden = ctx.parked.take()
+        hidden, *extra = ctx.parked.take()
         ctx.parked = None
         hidden = hidden.detach().requires_grad_(ctx.hidden_requires_grad)
         args: List[Any] = list(ctx.args)
@@ -125,8 +165,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                outputs = ctx.run_function(hidden, *args)
+            token = _RELOADED.set(extra[0] if extra else None)
+            try:
+                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                    outputs = ctx.run_function(hidden, *args)
+            finally:
+                _RELOADED.reset(token)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

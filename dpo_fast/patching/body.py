@@ -13,8 +13,9 @@
 and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
 layers' gradient-checkpointing function (enabling checkpointing if it was off). With the QLoRA linear
 on, each decoder layer's checkpoint function (whichever it is) is wrapped so that the layer's recompute
-in backward skips its last projection's GEMMs, whose output nobody reads. Both stay in place when a
-trainer re-enables checkpointing later (dpo_fast.patching.checkpointing).
+in backward skips its last projection's GEMMs, whose output nobody reads (with offloading, o_proj's
+too: the post-attention norm parks the mid residual). Both stay in place when a trainer re-enables
+checkpointing later (dpo_fast.patching.checkpointing).
 
 Only instance attributes change: classes, parameters, buffers and state-dict keys stay exactly as
 they were, so saving and loading are unaffected; `unpatch_body` deletes the instance forwards (or
@@ -46,7 +47,7 @@ from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
 from . import checkpointing as layer_checkpointing
-from .checkpointing import recomputing
+from .checkpointing import END, MID, mid_residual, output_unread
 
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
@@ -88,6 +89,11 @@ def _original_forward(module: nn.Module):
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mid_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """post_attention_layernorm of an offloaded layer whose recompute skips o_proj (patching.checkpointing)."""
+    return rms_norm(mid_residual(hidden_states), self.weight, self.variance_epsilon)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,11 +214,11 @@ def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
         return _original_forward(self)(x, *args, **kwargs)
     lora_a, lora_b, scaling, p = plan
     # in a checkpoint recompute a layer's tail output is never read: skip its GEMMs (patching.checkpointing)
-    output = not (recomputing() and self.__dict__.get(_TAIL, False))
+    output = not output_unread(self.__dict__.get(_TAIL))
     return lora_linear(x, self.base_layer, lora_a, lora_b, scaling, dropout_p=p, output=output)
 
 
-_PATCHED_FUNCS = (_rms_norm_forward, _mlp_forward, _attention_forward, _lora_forward)
+_PATCHED_FUNCS = (_rms_norm_forward, _mid_norm_forward, _mlp_forward, _attention_forward, _lora_forward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,7 +359,9 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     prefix_sharing: let the attention modules take packed [prompt | chosen | rejected] rows
     (`dpo_fast.prefix_sharing`); ordinary calls are unchanged.
     recompute_tail_skip: with qlora_linear, each decoder layer's checkpoint recompute skips down_proj's
-    GEMMs, whose output it throws away (`dpo_fast.patching.checkpointing`); counted per decoder layer.
+    GEMMs, whose output it throws away (`dpo_fast.patching.checkpointing`), and with offload_checkpointing
+    and rms_norm also o_proj's (the post-attention norm parks the mid residual beside the layer input);
+    counted per decoder layer.
     """
     holder = _state_holder(model)
     if _STATE in holder.__dict__:
@@ -400,7 +408,7 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
             if not any_on:
                 m.gradient_checkpointing = True
         counts["offload_checkpointing"] = len(layers)
-    tails = _mark_tails(model) if qlora_linear and recompute_tail_skip else []
+    tails = _mark_tails(model, mid=offload_checkpointing) if qlora_linear and recompute_tail_skip else []
     counts["recompute_tail_skip"] = len(tails)
     layer_checkpointing.install(holder, offload=[m for m, _, _ in checkpointing], tail_skip=tails)  # sets them
     holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
@@ -419,8 +427,10 @@ def _make_groups(model: nn.Module) -> None:
                     layer.__dict__[_GROUP] = (group, index)
 
 
-def _mark_tails(model: nn.Module) -> list:
-    """Mark each supported decoder layer's patched down_proj as its layer's tail; returns those layers."""
+def _mark_tails(model: nn.Module, mid: bool) -> list:
+    """Mark each supported decoder layer's patched down_proj as its layer's tail (END); returns those layers.
+    With `mid` (offloaded checkpointing) also its patched o_proj (MID), whose layer then parks the mid
+    residual at a patched post_attention_layernorm."""
     layers = []
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
@@ -428,9 +438,24 @@ def _mark_tails(model: nn.Module) -> list:
             continue
         down = mlp.down_proj
         if isinstance(down, nn.Module) and is_patched_lora(down):
-            down.__dict__[_TAIL] = True
+            down.__dict__[_TAIL] = END
             layers.append(module)
+            if mid:
+                _mark_mid(module)
     return layers
+
+
+def _mark_mid(layer: nn.Module) -> None:
+    """Mark `layer`'s o_proj MID and let its post_attention_layernorm park the residual, when both are patched here."""
+    o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if not (isinstance(o_proj, nn.Module) and is_patched_lora(o_proj) and isinstance(norm, nn.Module)):
+        return
+    attr = norm.__dict__.get(_PREV, (None,))[0]
+    if attr is None or getattr(norm.__dict__.get(attr), "__func__", None) is not _rms_norm_forward:
+        return
+    norm.__dict__[attr] = types.MethodType(_mid_norm_forward, norm)
+    o_proj.__dict__[_TAIL] = MID
 
 
 def is_patched_lora(module: nn.Module) -> bool:
