@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,7 @@ class Sizes:
     rope: Tuple[int, int, int, int, int]  # batch, q heads, kv heads, seq_len, head_dim
     swiglu: Tuple[int, ...]
     qlora: Tuple[int, int, int, int]  # in, out, rank, tokens
+    dequant: Tuple[Tuple[int, int], ...]  # 4-bit weight shapes [out, in]
     realistic: bool
 
 
@@ -71,6 +73,7 @@ TINY = Sizes(
     rope=(2, 4, 2, 13, 18),
     swiglu=(3, 13, 77),
     qlora=(72, 40, 8, 39),
+    dequant=((40, 128), (3, 64)),  # rows of whole 64-blocks: bitsandbytes' CPU kernel mis-reads other shapes
     realistic=False,
 )
 GPU = Sizes(
@@ -81,6 +84,7 @@ GPU = Sizes(
     rope=(2, 32, 8, 257, 128),
     swiglu=(2, 257, 14336),
     qlora=(4096, 1024 + 8, 16, 515),
+    dequant=((14336, 4096), (1024, 4096), (4096, 14336), (77, 33)),  # 8B gate/up, k/v, down; odd
     realistic=True,
 )
 #: The Llama-3-8B head of issue 2 (DESIGN.md section 3).
@@ -469,6 +473,21 @@ def bnb_unavailable(dev: torch.device) -> Optional[str]:
     return None
 
 
+def check_dequant_4bit(rec: Recorder, dev: torch.device, shapes: Sequence[Tuple[int, int]]) -> None:
+    """dpo_fast.kernels.dequant_4bit against bitsandbytes' dequantize_4bit: bitwise, nf4 and fp4, with and
+    without double quantization, bf16 and fp16 weights."""
+    import bitsandbytes.functional as bnbF
+
+    from dpo_fast.kernels.dequant_4bit import dequantize_4bit
+
+    for (out_f, in_f), quant_type, nested, dtype in itertools.product(
+            shapes, ("nf4", "fp4"), (True, False), (torch.bfloat16, torch.float16)):
+        w = (torch.randn(out_f, in_f, device=dev) / in_f ** 0.5).to(dtype)
+        packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+        rec.exact(f"dequant_4bit {quant_type} nested={nested} {_dtype_name(dtype)} {out_f}x{in_f}",
+                  dequantize_4bit(packed, qs), bnbF.dequantize_4bit(packed, qs))
+
+
 def _qlora_base(kind: str, in_f: int, out_f: int, dtype: torch.dtype, dev: torch.device):
     """A frozen base with a bias: nn.Linear, or bitsandbytes nf4 with double quantization."""
     from torch import nn
@@ -774,6 +793,10 @@ def run_checks(rec: Recorder, dev: torch.device, sizes: Sizes) -> None:
     for dtype in dtypes:
         rec.run(f"swiglu {_dtype_name(dtype)}", check_swiglu, dev, sizes.swiglu, dtype)
     bnb_reason = bnb_unavailable(dev)
+    if bnb_reason:
+        rec.skip("dequant_4bit", bnb_reason)
+    else:
+        rec.run("dequant_4bit", check_dequant_4bit, dev, sizes.dequant)
     for kind in ("linear", "nf4-dq"):
         for dtype in dtypes:
             if kind != "linear" and bnb_reason:

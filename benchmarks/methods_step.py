@@ -70,6 +70,13 @@ def bnb_has_cuda() -> bool:
 # ---------------------------------------------------------------------------------- model
 
 
+def _has_4bit(model: nn.Module) -> bool:
+    """Does the model hold bitsandbytes 4-bit layers (build_model(quantize=True))?"""
+    from dpo_fast.ops.qlora_linear import is_4bit_base
+
+    return any(is_4bit_base(m) for m in model.modules())
+
+
 def _quantize_linears(root: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> None:
     """Swap every nn.Linear under `root` for a bitsandbytes NF4 Linear4bit on `device`."""
     import bitsandbytes as bnb
@@ -330,8 +337,10 @@ def _dpo_fast_patch(body: bool, **body_options: bool):
             counts = _body_counts(model) if body else None
             if body and counts is not None:
                 wanted = {**patching.BODY_OPTIONS, **body_options}
-                # the tail skip is part of the QLoRA linear: nothing to count without it
+                # the tail skip and the nf4 dequantize are part of the QLoRA linear: nothing to count without
+                # it (nor the dequantize without 4-bit layers)
                 wanted["recompute_tail_skip"] = wanted["recompute_tail_skip"] and wanted["qlora_linear"]
+                wanted["nf4_dequant"] = wanted["nf4_dequant"] and wanted["qlora_linear"] and _has_4bit(model)
                 empty = [k for k, on in wanted.items() if on and not counts.get(k)]
                 if empty:
                     raise RuntimeError(f"dpo_fast.patch swapped no module for {empty} (counts {counts})")

@@ -196,7 +196,8 @@ def _timed_ms(fn, device: torch.device, repeats: int) -> float:
 
 def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.dtype,
               repeats: int = 20) -> List[Dict[str, Any]]:
-    """Per projection shape: ms of dequantize_4bit, of the dense GEMM, and of both (needs bitsandbytes); and
+    """Per projection shape: ms of bitsandbytes' dequantize_4bit and of dpo_fast's (dequant_triton_ms), of the dense
+    GEMM, and of bitsandbytes' dequantize and the GEMM together (needs bitsandbytes); and
     base GEMM + LoRA term (r=16) with the LoRA term added after the GEMM or first, the GEMM accumulating onto it."""
     import bitsandbytes.functional as bnbF
     from torch import nn
@@ -216,6 +217,10 @@ def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.d
         x = torch.randn(tokens, inp, device=device, dtype=dtype)
         w = bnbF.dequantize_4bit(w4, qs)
         deq = _timed_ms(lambda: bnbF.dequantize_4bit(w4, qs), device, repeats)
+        deq_triton = None  # dpo_fast's one-kernel dequantize (what patch() uses on CUDA); CPU: interpreter only
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            from dpo_fast.kernels.dequant_4bit import dequantize_4bit
+            deq_triton = _timed_ms(lambda: dequantize_4bit(w4, qs), device, repeats)
         mm = _timed_ms(lambda: x @ w.t(), device, repeats)
         both = _timed_ms(lambda: x @ bnbF.dequantize_4bit(w4, qs).t(), device, repeats)
         # the LoRA term (r = 16) added after the base GEMM (a read-modify-write pass over y), or computed
@@ -234,7 +239,7 @@ def nf4_split(shape_name: str, tokens: int, device: torch.device, dtype: torch.d
 
         after, first = _timed_ms(lora_after, device, repeats), _timed_ms(lora_first, device, repeats)
         rows.append(dict(proj=label, in_features=inp, out_features=out, tokens=tokens, weight_dtype=str(w.dtype),
-                         dequant_ms=deq, gemm_ms=mm, dequant_then_gemm_ms=both,
+                         dequant_ms=deq, dequant_triton_ms=deq_triton, gemm_ms=mm, dequant_then_gemm_ms=both,
                          dequant_share=deq / both if both else None, lora_after_ms=after, lora_first_ms=first))
         holder = w4 = qs = x = w = h = b = y = None  # free before the next projection
         free_memory(device)
@@ -345,7 +350,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nnf4 dequantize vs GEMM, and where the LoRA term is added, at {2 * pairs * seq} tokens "
               f"({shape_name}, bf16):")
         for r in report["nf4"]:
+            triton_ms = r.get("dequant_triton_ms")
             print(f"   {r['proj']:13s} {r['in_features']:6d}->{r['out_features']:<6d} dequant {r['dequant_ms']:7.3f} ms"
+                  f" (dpo_fast's kernel {'-' if triton_ms is None else f'{triton_ms:.3f}'} ms)"
                   f"  gemm {r['gemm_ms']:7.3f} ms  both {r['dequant_then_gemm_ms']:7.3f} ms"
                   f"  dequant share {100 * r['dequant_share']:5.1f}%  base+LoRA: LoRA after "
                   f"{r['lora_after_ms']:7.3f} ms, LoRA first {r['lora_first_ms']:7.3f} ms")

@@ -146,12 +146,14 @@ for p in "${PHASES[@]}"; do
       phase gpu_check "${GPU_CHECK_TIMEOUT:-200}" python3 -m benchmarks.gpu_check --out "$OUT" ;;
     tests)
       # the CUDA paths no CPU run reaches: the body ops on CUDA tensors (the offload's side-stream prefetch),
-      # patch() on a bitsandbytes-CUDA NF4 model (offload included), TRL's
+      # patch() on a bitsandbytes-CUDA NF4 model (offload included; the dequantize kernel in a model), TRL's
       # DPOTrainer with dpo_fast enabled, and the trainer (4-bit loading, paged 8-bit AdamW, bf16 autocast).
       # Kernel-level checks are gpu_check's. No -x: show every failure (--maxfail bounds the log).
       phase tests "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=10 \
         --durations=5 tests/test_body_kernels.py tests/test_body_patch.py tests/test_checkpointing.py tests/test_patch.py tests/test_prefix_sharing.py \
-        tests/test_trl_integration.py tests/test_train.py -k "not short_dpo_run and not ctrl_c and not resume" ;;
+        tests/test_trl_integration.py tests/test_train.py \
+        tests/test_dequant_4bit.py::test_patched_qlora_linear_dequantizes_with_the_kernel \
+        -k "not short_dpo_run and not ctrl_c and not resume" ;;
     step8b)
       # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak
       # memory vs unpatched TRL; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it;

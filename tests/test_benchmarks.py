@@ -262,8 +262,9 @@ def test_step_level_runs_every_body_group_in_4bit(tmp_path):
         assert cells[name]["params"]["quantized_4bit"] is True
     for name, switch in ms.BODY_GROUPS:
         counts = cells[name]["params"]["patched_modules"]
-        # the recompute tail skip comes with the QLoRA linear (one per decoder layer)
-        with_it = {switch, "recompute_tail_skip"} if switch == "qlora_linear" else {switch}
+        # the recompute tail skip (one per decoder layer) and the nf4 dequantize (one per 4-bit base) come with
+        # the QLoRA linear
+        with_it = {switch, "recompute_tail_skip", "nf4_dequant"} if switch == "qlora_linear" else {switch}
         assert counts[switch] > 0 and all((v > 0) == (k in with_it) for k, v in counts.items()), (name, counts)
     assert all(v > 0 for v in cells["dpo_fast_all"]["params"]["patched_modules"].values())
     rows = {r["method"]: r for r in report["step_vs_baseline"]}

@@ -243,8 +243,8 @@ def test_unpatch_restores_everything(qlora_dir, device):
 def test_switches_and_fallbacks(qlora_dir, device):
     model = _qlora_model(qlora_dir, torch.float32, device)
     counts = patch_body(model, rms_norm=False, rope=False, swiglu=False)
-    assert counts == {"rms_norm": 0, "rope": 0, "swiglu": 0, "qlora_linear": 14, "offload_checkpointing": 0,
-                      "prefix_sharing": 0, "recompute_tail_skip": 2}
+    assert counts == {"rms_norm": 0, "rope": 0, "swiglu": 0, "qlora_linear": 14, "nf4_dequant": 14,
+                      "offload_checkpointing": 0, "prefix_sharing": 0, "recompute_tail_skip": 2}
     batch = _batch(device)
     # disabled adapters (DPO's reference pass) go through peft's own forward
     with torch.no_grad():

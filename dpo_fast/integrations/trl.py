@@ -76,7 +76,7 @@ def _make_replacement(original: Callable[..., Any]) -> Callable[..., Any]:
 def enable(*, body: bool = True, **patch_options: Any) -> None:
     """Make TRL trainers built from now on use dpo_fast's fused head. Idempotent.
 
-    Options are those of `dpo_fast.patch` (`body`, `rms_norm`, `rope`, `swiglu`, `qlora_linear`,
+    Options are those of `dpo_fast.patch` (`body`, `rms_norm`, `rope`, `swiglu`, `qlora_linear`, `nf4_dequant`,
     `offload_checkpointing`, `prefix_sharing`, `recompute_tail_skip`). With ``prefix_sharing=True``,
     DPOTrainer's policy and reference calls run each chosen/rejected pair as one row
     [prompt | chosen | rejected]. With ``offload_checkpointing=True``, TRL's gradient checkpointing

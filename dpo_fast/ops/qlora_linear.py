@@ -18,7 +18,8 @@ The LoRA term is computed first and the base GEMM accumulates onto it (cuBLAS be
 the [N, out] result: in the H200 profile of the 8B step those passes (``badd`` GEMMs) took 53 ms, 6% of
 the GPU time. `benchmarks/profile_step.py` times both orders per projection.
 
-Dequantize-then-matmul is used on every device, by measurement: in an 8B QLoRA DPO step on an H200
+Dequantize-then-matmul is used on every device, by measurement (the dequantization itself is
+dpo_fast.kernels.dequant_4bit on CUDA once `patch` marks the base, bitsandbytes' otherwise): in an 8B QLoRA DPO step on an H200
 (benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of the GPU time while the
 cuBLAS GEMMs after it run at ~665 TFLOP/s, so a fused Triton dequant+GEMM could save at most that 4%
 and would have to match cuBLAS to save anything.
@@ -41,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import select_backend
+
 
 @functools.lru_cache(maxsize=None)
 def _bnb_linear4bit_type():
@@ -50,6 +53,12 @@ def _bnb_linear4bit_type():
     except Exception:  # pragma: no cover - bitsandbytes is optional
         return None
     return bnb.nn.Linear4bit
+
+
+def is_4bit_base(base: nn.Module) -> bool:
+    """True for a bitsandbytes Linear4bit."""
+    l4 = _bnb_linear4bit_type()
+    return l4 is not None and isinstance(base, l4)
 
 
 def is_supported_base(base: nn.Module) -> bool:
@@ -98,12 +107,21 @@ def lora_then_base(x_c: torch.Tensor, h: torch.Tensor, b_c: torch.Tensor, scalin
     return y
 
 
+#: set on a bitsandbytes 4-bit base (by `patch_body(nf4_dequant=True)`): dequantize it with dpo_fast's kernel
+TRITON_DEQUANT = "_dpo_fast_triton_dequant"
+
+
 def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight [out, in] as a dense tensor of `dtype` (dequantized for 4-bit layers)."""
+    """The base weight [out, in] as a dense tensor of `dtype` (dequantized for 4-bit layers: by
+    dpo_fast.kernels.dequant_4bit, bitwise bitsandbytes' values in one kernel instead of three, for a base
+    marked TRITON_DEQUANT on the Triton backend; by bitsandbytes otherwise)."""
     l4 = _bnb_linear4bit_type()
     if l4 is not None and isinstance(base, l4):
-        import bitsandbytes.functional as bnbF
         w = base.weight
+        if base.__dict__.get(TRITON_DEQUANT) and select_backend(w.data) == "triton":
+            from ..kernels.dequant_4bit import dequantize_4bit
+            return dequantize_4bit(w.data, w.quant_state).to(dtype)
+        import bitsandbytes.functional as bnbF
         return bnbF.dequantize_4bit(w.data, w.quant_state).to(dtype)
     if isinstance(base, nn.Linear):
         return base.weight.to(dtype)

@@ -24,8 +24,8 @@ __all__ = [
 ]
 
 #: Options forwarded to dpo_fast.patching.body.patch_body, with their defaults.
-BODY_OPTIONS = {"rms_norm": True, "rope": True, "swiglu": True, "qlora_linear": True, "offload_checkpointing": False,
-                "prefix_sharing": False, "recompute_tail_skip": True}
+BODY_OPTIONS = {"rms_norm": True, "rope": True, "swiglu": True, "qlora_linear": True, "nf4_dequant": True,
+                "offload_checkpointing": False, "prefix_sharing": False, "recompute_tail_skip": True}
 _STATE = "_dpo_fast_patch"
 
 
@@ -57,7 +57,7 @@ def patch(model: nn.Module, *, outputs: Sequence[str] = ("log_probs",), body: bo
             `HEAD_OUTPUTS`); extra fields are metrics computed without gradient in the same sweep.
         body: also patch the decoder body with dpo_fast's kernels, when dpo_fast.patching.body exists.
             ``body=False, prefix_sharing=True`` patches only the attention modules, for prefix sharing.
-        **body_options: passed to `patch_body` (`rms_norm`, `rope`, `swiglu`, `qlora_linear`,
+        **body_options: passed to `patch_body` (`rms_norm`, `rope`, `swiglu`, `qlora_linear`, `nf4_dequant`,
             `offload_checkpointing`, `prefix_sharing`, `recompute_tail_skip`). With ``prefix_sharing=True``,
             `compute_dpo_loss` runs each pair as one row [prompt | chosen | rejected], so the prompt
             goes through the model once instead of twice (same loss and gradients).

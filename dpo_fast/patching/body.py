@@ -9,7 +9,9 @@
                                                             (dpo_fast.ops.prefix_attention)
   * peft LoRA Linear over nn.Linear / bitsandbytes 4-bit  -> dpo_fast.ops.qlora_linear; sibling projections
                                                             that read the same input (q/k/v, gate/up) run as
-                                                            one dpo_fast.ops.qlora_group op (_LoRAGroup)
+                                                            one dpo_fast.ops.qlora_group op (_LoRAGroup);
+                                                            4-bit bases dequantized by
+                                                            dpo_fast.kernels.dequant_4bit on CUDA
 and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoint as the decoder
 layers' gradient-checkpointing function (enabling checkpointing if it was off). With the QLoRA linear
 on, each decoder layer's checkpoint function (whichever it is) is wrapped so that the layer's recompute
@@ -42,7 +44,7 @@ from torch import nn
 
 from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
 from ..ops.qlora_group import apply_group, can_group
-from ..ops.qlora_linear import is_supported_base, lora_linear
+from ..ops.qlora_linear import TRITON_DEQUANT, is_4bit_base, is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
@@ -52,8 +54,8 @@ from .checkpointing import END, MID, mid_residual, output_unread
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
 #: The switches of patch_body, in the order they are reported.
-BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing",
-                "recompute_tail_skip")
+BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "nf4_dequant", "offload_checkpointing",
+                "prefix_sharing", "recompute_tail_skip")
 
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
@@ -350,12 +352,14 @@ def _state_holder(model: nn.Module) -> nn.Module:
 
 
 def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-               qlora_linear: bool = True, offload_checkpointing: bool = False, prefix_sharing: bool = False,
-               recompute_tail_skip: bool = True) -> Dict[str, int]:
+               qlora_linear: bool = True, nf4_dequant: bool = True, offload_checkpointing: bool = False,
+               prefix_sharing: bool = False, recompute_tail_skip: bool = True) -> Dict[str, int]:
     """Swap dpo_fast's body kernels into `model` in place; returns how many modules each switch changed.
 
     model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 dense), bare or in a
     peft PeftModel. Patching an already patched model first undoes the previous patch.
+    nf4_dequant: with qlora_linear, the patched LoRA layers' bitsandbytes 4-bit bases are dequantized by
+    dpo_fast.kernels.dequant_4bit on CUDA (bitwise bitsandbytes' values); counted per 4-bit base.
     prefix_sharing: let the attention modules take packed [prompt | chosen | rejected] rows
     (`dpo_fast.prefix_sharing`); ordinary calls are unchanged.
     recompute_tail_skip: with qlora_linear, each decoder layer's checkpoint recompute skips down_proj's
@@ -391,6 +395,8 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
             counts["qlora_linear"] += 1
     if qlora_linear:
         _make_groups(model)
+        if nf4_dequant:
+            counts["nf4_dequant"] = _mark_4bit_bases(model)
     for owner in rope_owners.values():
         _install_rope(owner)
     if counts["prefix_sharing"]:
@@ -425,6 +431,17 @@ def _make_groups(model: nn.Module) -> None:
                 group = _LoRAGroup(layers)
                 for index, layer in enumerate(layers):
                     layer.__dict__[_GROUP] = (group, index)
+
+
+def _mark_4bit_bases(model: nn.Module) -> int:
+    """Mark the bitsandbytes 4-bit bases of the LoRA layers patched here for dpo_fast's dequantize kernel."""
+    marked = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if is_patched_lora(module) and isinstance(base, nn.Module) and is_4bit_base(base):
+            base.__dict__[TRITON_DEQUANT] = True
+            marked += 1
+    return marked
 
 
 def _mark_tails(model: nn.Module, mid: bool) -> list:
@@ -495,6 +512,7 @@ def unpatch_body(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if _PREV in module.__dict__:
             _restore_forward(module)
+        module.__dict__.pop(TRITON_DEQUANT, None)
     if state is None:
         return model
     for name in state["rope_owners"]:
