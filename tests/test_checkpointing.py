@@ -273,3 +273,28 @@ def test_offload_and_skip_come_back_after_checkpointing_is_enabled_again(qlora_d
     unpatch(model)
     assert [layer.__dict__.keys() for layer in layers] == [b.keys() for b in before]
     assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_skip_with_lora_dropout_gives_bitwise_the_same_gradients(offload, device, monkeypatch):
+    """With LoRA dropout the skipped projections still draw their masks (the recompute replays the forward's
+    RNG), so the gradients stay bitwise those of the recompute without the skip."""
+    import copy
+
+    model = _family_model("llama").to(device)
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    twin = copy.deepcopy(model)
+    patch_body(model, offload_checkpointing=offload)
+    patch_body(twin, offload_checkpointing=offload, recompute_tail_skip=False)
+    batch = _batch(device)
+    skips = _count_tail_skips(monkeypatch)
+    torch.manual_seed(3)
+    loss, grads = _loss_and_grads(model, batch)
+    assert skips[False] == LAYERS * (2 if offload else 1)
+    torch.manual_seed(3)
+    twin_loss, twin_grads = _loss_and_grads(twin, batch)
+    assert torch.equal(loss, twin_loss)
+    assert grads.keys() == twin_grads.keys() and all(torch.equal(grads[n], twin_grads[n]) for n in grads)

@@ -47,6 +47,15 @@ def test_dequantize_4bit_is_bitwise_bitsandbytes(shape, quant_type, nested, bloc
         assert torch.equal(got, bnbF.dequantize_4bit(packed, qs))
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.int8])
+def test_dequantize_4bit_reads_any_quant_storage(storage, device):
+    """bnb_4bit_quant_storage packs the same bytes into another dtype (FSDP QLoRA uses bf16)."""
+    w = torch.randn(48, 128, device=device).to(torch.bfloat16)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=storage)
+    assert packed.dtype == storage
+    assert torch.equal(dequantize_4bit(packed, qs), bnbF.dequantize_4bit(packed, qs))
+
+
 def test_reference_is_bitsandbytes_where_its_cpu_kernel_agrees():
     """The torch reference above is bitsandbytes' result on shapes whose rows are whole blocks."""
     for quant_type, nested in itertools.product(["nf4", "fp4"], [False, True]):

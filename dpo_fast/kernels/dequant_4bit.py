@@ -50,8 +50,11 @@ def _dequant_4bit_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n, code2_ptr, abs
 
 def dequantize_4bit(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     """The dense weight (``quant_state.shape``, ``quant_state.dtype``) of a bitsandbytes 4-bit weight:
-    `packed` is ``Params4bit.data`` (uint8, two codes per byte), `quant_state` its QuantState."""
+    `packed` is ``Params4bit.data`` (two codes per byte, in uint8 or any quant_storage dtype), `quant_state`
+    its QuantState."""
     qs = quant_state
+    if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage (e.g. bf16 for FSDP): the same bytes
+        packed = packed.view(torch.uint8)
     out = torch.empty(qs.shape, dtype=qs.dtype, device=packed.device)
     n = out.numel()
     if n == 0:
