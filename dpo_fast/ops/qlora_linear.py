@@ -19,10 +19,10 @@ the [N, out] result: in the H200 profile of the 8B step those passes (``badd`` G
 the GPU time. `benchmarks/profile_step.py` times both orders per projection.
 
 Dequantize-then-matmul is used on every device, by measurement (the dequantization itself is
-dpo_fast.kernels.dequant_4bit on CUDA once `patch` marks the base, bitsandbytes' otherwise): in an 8B QLoRA DPO step on an H200
-(benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of the GPU time while the
-cuBLAS GEMMs after it run at ~665 TFLOP/s, so a fused Triton dequant+GEMM could save at most that 4%
-and would have to match cuBLAS to save anything.
+dpo_fast.kernels.dequant_4bit on CUDA once `patch` marks the base, bitsandbytes' otherwise): in an 8B
+QLoRA DPO step on an H200 (benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of
+the GPU time while the cuBLAS GEMMs after it run at ~665 TFLOP/s, so a fused Triton dequant+GEMM could
+save at most that 4% and would have to match cuBLAS to save anything.
 
 Precision: the base matmul runs in the base layer's compute dtype (bitsandbytes' ``compute_dtype``,
 else x's dtype) like bitsandbytes; the rank-r LoRA products run in the adapter's dtype (peft keeps
@@ -63,8 +63,7 @@ def is_4bit_base(base: nn.Module) -> bool:
 
 def is_supported_base(base: nn.Module) -> bool:
     """True for a frozen nn.Linear or bitsandbytes Linear4bit (the bases this op handles)."""
-    l4 = _bnb_linear4bit_type()
-    if l4 is not None and isinstance(base, l4):
+    if is_4bit_base(base):
         qs = getattr(base.weight, "quant_state", None)
         return qs is not None and not getattr(qs, "packing_format_for_cpu", False) and not base.weight.requires_grad
     if type(base) is nn.Linear:
@@ -77,8 +76,7 @@ def base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     compute_dtype, else x's dtype."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    l4 = _bnb_linear4bit_type()
-    if l4 is not None and isinstance(base, l4):
+    if is_4bit_base(base):
         return getattr(base, "compute_dtype", None) or x.dtype
     return x.dtype
 
@@ -115,8 +113,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight [out, in] as a dense tensor of `dtype` (dequantized for 4-bit layers: by
     dpo_fast.kernels.dequant_4bit, bitwise bitsandbytes' values in one kernel instead of three, for a base
     marked TRITON_DEQUANT on the Triton backend; by bitsandbytes otherwise)."""
-    l4 = _bnb_linear4bit_type()
-    if l4 is not None and isinstance(base, l4):
+    if is_4bit_base(base):
         w = base.weight
         if base.__dict__.get(TRITON_DEQUANT) and select_backend(w.data) == "triton":
             from ..kernels.dequant_4bit import dequantize_4bit
