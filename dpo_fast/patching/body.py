@@ -70,7 +70,7 @@ _PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previ
 _ATTN = "_dpo_fast_attention"      # on a patched attention module: {"rope": bool, "prefix": bool}
 _PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast.ops.prefix_attention
 _GROUP = "_dpo_fast_lora_group"  # on a patched LoRA layer: (its _LoRAGroup, its index in it)
-_TAIL = "_dpo_fast_tail"  # on a patched LoRA down_proj: its output is its decoder layer's last term
+_TAIL = "_dpo_fast_tail"  # on a patched LoRA down_proj (END) or o_proj (MID): see patching.checkpointing
 _MISSING = "<no instance forward>"
 #: sibling projections that read the same input, run as one grouped op (dpo_fast.ops.qlora_group)
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -393,10 +393,12 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
         elif qlora_linear and lora_types and isinstance(module, lora_types):
             _set_forward(module, _lora_forward)
             counts["qlora_linear"] += 1
+            base = getattr(module, "base_layer", None)
+            if nf4_dequant and isinstance(base, nn.Module) and is_4bit_base(base):
+                base.__dict__[TRITON_DEQUANT] = True  # dense_weight dequantizes it with dpo_fast's kernel
+                counts["nf4_dequant"] += 1
     if qlora_linear:
         _make_groups(model)
-        if nf4_dequant:
-            counts["nf4_dequant"] = _mark_4bit_bases(model)
     for owner in rope_owners.values():
         _install_rope(owner)
     if counts["prefix_sharing"]:
@@ -431,17 +433,6 @@ def _make_groups(model: nn.Module) -> None:
                 group = _LoRAGroup(layers)
                 for index, layer in enumerate(layers):
                     layer.__dict__[_GROUP] = (group, index)
-
-
-def _mark_4bit_bases(model: nn.Module) -> int:
-    """Mark the bitsandbytes 4-bit bases of the LoRA layers patched here for dpo_fast's dequantize kernel."""
-    marked = 0
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if is_patched_lora(module) and isinstance(base, nn.Module) and is_4bit_base(base):
-            base.__dict__[TRITON_DEQUANT] = True
-            marked += 1
-    return marked
 
 
 def _mark_tails(model: nn.Module, mid: bool) -> list:
