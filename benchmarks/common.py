@@ -1,8 +1,8 @@
 """Shared benchmark machinery: timing, peak-memory metering, OOM handling, environment facts, results.
 
-GPU (DESIGN.md section 6): time with CUDA events, median of several runs after warm-up; memory with
-`torch.cuda.reset_peak_memory_stats` + `max_memory_allocated`, reported as the peak *above* what was
-allocated before the call (the inputs, the model). Memory caps use
+GPU (docs/design.md, "How things are measured"): time with CUDA events, median of several runs
+after warm-up; memory with `torch.cuda.reset_peak_memory_stats` + `max_memory_allocated`, reported
+as the peak *above* what was allocated before the call (the inputs, the model). Memory caps use
 `torch.cuda.set_per_process_memory_fraction`.
 
 CPU (tiny shapes, so the suite is exercised everywhere): wall-clock median with `perf_counter`, and the

@@ -2,8 +2,8 @@
 
 The pipeline is  `load_preference_rows` -> `tokenize_pairs` -> `LengthGroupedBatchSampler`
 + `PreferenceCollator`. It accepts TRL's preference formats and produces TRL's
-preference-collator layout (DESIGN.md section 4). Every step returns a report so that no row
-is lost without a count and a reason.
+preference-collator layout (docs/design.md, "Data layout"). Every step returns a report so that
+no row is lost without a count and a reason.
 
 Formats (per row, as TRL defines them):
   * standard: ``prompt``, ``chosen``, ``rejected`` strings;
@@ -536,7 +536,7 @@ def example_length(example: dict) -> int:
 
 
 class PreferenceCollator:
-    """Examples -> TRL's preference-collator batch (DESIGN.md section 4), right-padded.
+    """Examples -> TRL's preference-collator batch (docs/design.md, "Data layout"), right-padded.
 
     ``input_ids`` [2B, T]: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, in the
     examples' order; ``attention_mask`` 1 on real tokens; ``completion_mask`` 1 exactly on

@@ -7,9 +7,9 @@ falls in this chunk, and optionally:
 
 * writes ``P = exp(z - m_new)`` with the label column zeroed, plus ``alpha = exp(m_old - m_new)``,
   so the caller can accumulate the expected embedding ``E <- alpha * E + P @ W_chunk`` in fp32
-  (the one-pass frozen-weight backward of DESIGN.md section 2), and keeps the running sum of P,
-  ``s_excl``: ``1 - p_label = s_excl / s`` without the cancellation of ``1 - exp(logp)`` on
-  confident tokens;
+  (the one-pass frozen-weight backward, docs/design.md, "The fused head"), and keeps the running
+  sum of P, ``s_excl``: ``1 - p_label = s_excl / s`` without the cancellation of
+  ``1 - exp(logp)`` on confident tokens;
 * accumulates per-token statistics for metrics in the same pass: ``sum exp(z-m) * z`` (entropy),
   ``sum z`` (mean logit), the running argmax, and ``sum exp(2(z-m))`` (log sum p^2 for WPO).
 """

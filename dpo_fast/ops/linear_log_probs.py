@@ -1,6 +1,6 @@
 """`linear_log_probs`: per-token log-probs of labels under softmax(h W^T + b), no [N, V] logits.
 
-Algorithm (DESIGN.md section 2). Rows whose label is ignore_index are dropped first
+Algorithm: docs/design.md, "The fused head". Rows whose label is ignore_index are dropped first
 (compaction). The remaining tokens are processed in token chunks; for each, the vocabulary
 is swept in chunks: one GEMM (fp32 output) gives a [tokens, vocab-chunk] logit tile and the
 online-softmax tile step folds it into the running max / sum / label logit.
