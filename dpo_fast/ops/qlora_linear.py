@@ -2,32 +2,33 @@
 
     y = x W^T (+ bias) + scaling * (dropout(x) A^T) B^T
 
-Forward dequantizes W (``bitsandbytes.functional.dequantize_4bit`` for nf4/fp4, double quant
-included) and multiplies with cuBLAS; it saves only x (plus a bool dropout mask when dropout > 0),
-the tiny [N, r] product ``dropout(x) A^T`` and the rank-r adapters in the compute dtype. Backward
-dequantizes W again for ``grad_x`` and computes gradients for A and B only: the base weight and bias
-are frozen, so no grad_W is formed. Autograd through peft + bitsandbytes instead keeps the LoRA
-branch's intermediates and casts. Each operand is cast once, where it is made: on a GPU every cast is
-a kernel launch the CPU has to issue, and a step runs this op 7 times per layer and pass.
+Forward dequantizes W (nf4/fp4, double quant included; see below) and multiplies with cuBLAS; it
+saves only x (plus a bool dropout mask when dropout > 0), the tiny [N, r] product ``dropout(x) A^T``
+and the rank-r adapters in the compute dtype. Backward dequantizes W again for ``grad_x`` and
+computes gradients for A and B only: the base weight and bias are frozen, so no grad_W is formed.
+Autograd through peft + bitsandbytes instead keeps the LoRA branch's intermediates and casts. Each
+operand is cast once, where it is made: on a GPU every cast is a kernel launch the CPU has to issue,
+and a step runs this op 7 times per layer and pass.
 
 With ``output=False`` (a gradient-checkpointing recompute of a layer's last projection, whose output
 nobody reads: dpo_fast.patching.checkpointing) forward skips both GEMMs and returns an uninitialized y.
 
 The LoRA term is computed first and the base GEMM accumulates onto it (cuBLAS beta=1), in forward
-(y) and backward (grad_x). Adding it after the GEMM instead is a separate read-modify-write pass over
-the [N, out] result: in the H200 profile of the 8B step those passes (``badd`` GEMMs) took 53 ms, 6% of
-the GPU time. `benchmarks/profile_step.py` times both orders per projection.
+(y) and backward (grad_x): adding it after the GEMM instead would be a separate read-modify-write
+pass over the [N, out] result. `benchmarks/profile_step.py` times both orders per projection.
 
-Dequantize-then-matmul is used on every device, by measurement (the dequantization itself is
-dpo_fast.kernels.dequant_4bit on CUDA once `patch` marks the base, bitsandbytes' otherwise): in an 8B
-QLoRA DPO step on an H200 (benchmarks/RESULTS.md, benchmarks/profile_step.py) nf4 dequantization is 4% of
-the GPU time while the cuBLAS GEMMs after it run at ~665 TFLOP/s, so a fused Triton dequant+GEMM could
-save at most that 4% and would have to match cuBLAS to save anything.
+Dequantize-then-matmul is used on every device (the dequantization itself is
+dpo_fast.kernels.dequant_4bit on CUDA once `patch` marks the base, bitsandbytes' otherwise): the
+dequantization is a small, memory-bound share of a QLoRA step while cuBLAS runs the GEMMs near peak,
+so a fused Triton dequant+GEMM could save little and would have to match cuBLAS to save anything.
+The profile behind this decision is in benchmarks/RESULTS.md; design: docs/design.md, "Body kernels".
 
 Precision: the base matmul runs in the base layer's compute dtype (bitsandbytes' ``compute_dtype``,
-else x's dtype) like bitsandbytes; the rank-r LoRA products run in the adapter's dtype (peft keeps
-adapters in fp32 by default) but every product that reads an x- or y-sized operand runs in the compute
-dtype with fp32 accumulation (no fp32 copies of activations), as Unsloth does; in fp32 this is exact.
+else x's dtype) like bitsandbytes; the adapters are cast to that dtype once per call and the LoRA
+products run in it too, with fp32 accumulation (no fp32 copies of activations), as Unsloth does
+(only when x's dtype differs from the compute dtype, e.g. fp32 x over a bf16-compute 4-bit base, is
+the LoRA term added in x's dtype, as peft does); the adapters' gradients come back in their own
+dtype (fp32 by peft's default); in fp32 this is exact.
 Under autocast (HF/TRL ``bf16=True``, dpo_fast's trainer on a GPU) the matmuls run in the autocast dtype
 and y comes out in the dtype peft's forward gives (the autocast dtype over a plain linear, x's dtype
 over bitsandbytes' 4-bit layer, which casts back); the op itself runs with autocast off and casts
