@@ -110,7 +110,7 @@ def win_rate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
 def logp_preference_accuracy(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], collate: Any,
                              batch_size: int = 64) -> float:
     """Fraction of pairs whose chosen completion gets a higher log-prob than the rejected one."""
-    from dpo_fast.dpo import sequence_logps
+    from dpo_fast.forward import sequence_logps
 
     was_training = model.training
     model.eval()

@@ -1,26 +1,28 @@
-"""Prefix sharing: run each preference pair as one row ``[prompt | chosen | rejected]`` (DESIGN.md section 2).
+"""Prefix sharing: pack each preference pair as one row ``[prompt | chosen | rejected]``.
 
 In TRL's layout the chosen and rejected rows of a pair repeat the prompt, so the body computes it
 twice. `pack_pairs` keeps it once: the shared prefix of the two rows (tokens equal in both and
 outside both completions), then the chosen row's remaining tokens, then the rejected row's. Position
 ids restart after the prompt for the rejected tokens, and the attention
 (`dpo_fast.ops.prefix_attention`) keeps the rejected tokens from seeing the chosen ones, so every
-hidden state equals the unshared one. `shared_prefix_hidden` runs the backbone on the packed rows
-and gathers the hidden states back into the unshared [2B, T] layout: everything after it (the
-fused head, the loss, the metrics) is unchanged. The last prompt position scores the first token of
-both completions; its gradient is the sum of the two, as it is the sum of two rows unshared.
+hidden state equals the unshared one. `PackedPairs.unshared_index` maps the packed positions back to
+the unshared [2B, T] layout (`dpo_fast.forward.backbone_hidden` gathers the hidden states with it), so
+everything after the body (the fused head, the loss, the metrics) is unchanged. The last prompt
+position scores the first token of both completions; its gradient is the sum of the two, as it is the
+sum of two rows unshared. This module only packs; `dpo_fast.forward.plan_packing` decides when.
+See docs/design.md, "Prefix sharing".
 
 Rows must be right-padded (TRL's collator layout), with completion_mask 0 on padding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 
-from dpo_fast.ops.prefix_attention import PREFIX_KWARG, PrefixLayout
+from .ops.prefix_attention import PrefixLayout
 
 
 @dataclass(frozen=True)
@@ -124,23 +126,6 @@ def window_problem(causal_lm: nn.Module, packed: PackedPairs) -> Optional[str]:
         return (f"prefix sharing: rows of {longest} tokens exceed the model's sliding window ({window}); turn "
                 "prefix sharing off for this model")
     return None
-
-
-def shared_prefix_hidden(causal_lm: nn.Module, packed: PackedPairs) -> Tuple[torch.Tensor, nn.Module]:
-    """Backbone hidden states of the packed rows, in the unshared layout [2B, T, d]; and the lm_head.
-
-    The model's attention modules must be patched with ``prefix_sharing=True``.
-    """
-    from dpo_fast.patching.head import backbone_hidden
-
-    problem = window_problem(causal_lm, packed)
-    if problem:
-        raise ValueError(problem)
-    hidden, head = backbone_hidden(causal_lm, input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                   position_ids=packed.position_ids, **{PREFIX_KWARG: packed.attention})
-    d = hidden.shape[-1]
-    flat = hidden.reshape(-1, d).index_select(0, packed.unshared_index.to(hidden.device))
-    return flat.view(packed.rows, packed.length, d), head
 
 
 def savings(packed: PackedPairs) -> Optional[float]:

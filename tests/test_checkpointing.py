@@ -106,10 +106,8 @@ def test_qlora_llama_recompute_skips_down_proj_and_matches(qlora_dir, checkpoint
         model.gradient_checkpointing_disable()
     patch_body(model, offload_checkpointing=checkpointing == "offload")
     if checkpointing == "enabled after patch":
-        enable()  # a new function on every layer; the fused forward / backbone wraps it again
-        from dpo_fast.patching.head import backbone_hidden
-
-        backbone_hidden(model.base_model.model, input_ids=batch["input_ids"][:, :2])
+        enable()  # a new function on every layer; the patched model's next call wraps it again
+        model(input_ids=batch["input_ids"][:, :2])
     assert all(isinstance(layer._gradient_checkpointing_func, TailSkippingCheckpoint) for layer in layers)
     counts = _count_tail_skips(monkeypatch)
     got = _loss_and_grads(model, batch)
@@ -249,7 +247,6 @@ def test_offload_and_skip_come_back_after_checkpointing_is_enabled_again(qlora_d
     reference pass) puts transformers' function on every layer; the next call of the patched model puts
     back the offloaded one, wrapped, and the step offloads and skips; unpatch restores the original settings."""
     from dpo_fast.patching import patch, unpatch
-    from dpo_fast.patching.head import backbone_hidden
 
     model = _qlora_model(qlora_dir, torch.float32, device)
     batch = _batch(device)
@@ -261,7 +258,7 @@ def test_offload_and_skip_come_back_after_checkpointing_is_enabled_again(qlora_d
     patch(model, offload_checkpointing=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not any(unwrapped(layer._gradient_checkpointing_func) is offloaded_checkpoint for layer in layers)
-    backbone_hidden(model.base_model.model, input_ids=batch["input_ids"][:, :3])
+    model(input_ids=batch["input_ids"][:, :3])
     for layer in layers:
         func = layer._gradient_checkpointing_func
         assert isinstance(func, TailSkippingCheckpoint) and func.inner is offloaded_checkpoint

@@ -16,7 +16,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import dpo_fast.patching as P
-from dpo_fast.dpo import compute_dpo_loss, token_log_probs
+from dpo_fast.dpo import compute_dpo_loss
+from dpo_fast.forward import token_log_probs
 from dpo_fast.patching.reference import reference_model
 
 import rss_probe  # noqa: E402  (tests/ is on sys.path under pytest)

@@ -129,6 +129,35 @@ def test_patch_twice_and_unpatch():
     P.unpatch(model)  # unpatching an unpatched model is a no-op
 
 
+def test_patch_again_applies_its_options():
+    """A second patch() applies its options on top of the ones in effect (never drops them silently);
+    patch_report says what is in effect; body=False removes the body patch; unpatch undoes all of it."""
+    model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ids, mask, labels = batch(rows=4)
+    want = model(input_ids=ids, attention_mask=mask).logits
+    assert P.patch_report(model) is None
+    P.patch(model)
+    first = P.patch_report(model)
+    assert first.body == P.BodyOptions() and first.counts["rms_norm"] == 5 and first.counts["prefix_sharing"] == 0
+    P.patch(model, prefix_sharing=True, rms_norm=False)
+    second = P.patch_report(model)
+    assert second.body == P.BodyOptions(prefix_sharing=True, rms_norm=False)
+    assert second.counts["rms_norm"] == 0 and second.counts["prefix_sharing"] == 2
+    norm = model.get_base_model().model.norm
+    assert "forward" not in norm.__dict__  # rms_norm really switched off
+    P.patch(model, outputs=("entropy",))  # no option: the body stays as it is
+    third = P.patch_report(model)
+    assert third.body == second.body and third.outputs == ("log_probs", "entropy")
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-4)
+    P.patch(model, body=False)
+    assert P.patch_report(model).body is None and P.patch_report(model).counts == {}
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rms_nrom'\]"):
+        P.patch(model, rms_nrom=False)
+    P.unpatch(model)
+    assert P.patch_report(model) is None
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)
+
+
 def test_unpatch_restores_an_earlier_instance_forward():
     model = tiny()
     calls = []

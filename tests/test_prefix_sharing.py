@@ -12,7 +12,8 @@ import torch
 
 import dpo_fast
 from benchmarks.methods_step import make_pair_batch
-from dpo_fast.dpo import compute_dpo_loss, sequence_logps
+from dpo_fast.dpo import compute_dpo_loss
+from dpo_fast.forward import backbone_hidden, sequence_logps
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
 from dpo_fast.patching.body import patch_body, prefix_sharing_enabled, unpatch_body
@@ -306,27 +307,35 @@ def test_plain_calls_unchanged_and_unpatch():
     assert "forward" not in attn.__dict__ and "_dpo_fast_attention" not in attn.__dict__
 
 
-def test_clear_errors():
+def test_one_packing_policy_for_every_caller():
+    """prefix_sharing=True without the patch is an error; a batch packing cannot take (left padding, rows
+    longer than a sliding window) runs unshared with a warning, with the unshared results, whichever entry
+    point (compute_dpo_loss, sequence_logps, the fused call) meets it."""
     model = _lora_model("llama")
     batch = preference_batch([5, 2], [6, 9], [7, 3], 16)
     with pytest.raises(ValueError, match="prefix_sharing=True needs a model patched"):
         compute_dpo_loss(model, batch, prefix_sharing=True)
-    dpo_fast.patch(model, prefix_sharing=True)
     left = {k: v.flip(1) for k, v in batch.items()}
-    with pytest.raises(ValueError, match="right-padded"):
-        compute_dpo_loss(model, left)
+    dpo_fast.patch(model)
+    want_loss, want_metrics = compute_dpo_loss(model, left)
+    want_logps = sequence_logps(model, left)
+    dpo_fast.patch(model, prefix_sharing=True)
+    with pytest.warns(UserWarning, match="runs unshared.*right-padded"):
+        got_loss, got_metrics = compute_dpo_loss(model, left)
+    assert rel(got_loss.detach(), want_loss.detach()) < 1e-6 and got_metrics.keys() == want_metrics.keys()
+    with pytest.warns(UserWarning, match="runs unshared.*right-padded"):
+        got_logps = sequence_logps(model, left)
+    assert all(rel(g, w) < 1e-6 for g, w in zip(got_logps, want_logps))
     windowed = _lora_model("mistral", sliding_window=8)
     dpo_fast.patch(windowed, prefix_sharing=True)
-    with pytest.raises(ValueError, match="sliding window"):
+    with pytest.warns(UserWarning, match="runs unshared.*sliding window"):
         compute_dpo_loss(windowed, batch)
     # a layout that reaches an attention module patched without prefix sharing never runs silently wrong
     plain = _lora_model("llama")
     patch_body(plain)
     packed = pack_pairs(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    from dpo_fast.prefix_sharing import shared_prefix_hidden
-
     with pytest.raises(RuntimeError, match="not patched with prefix_sharing=True"):
-        shared_prefix_hidden(plain.get_base_model(), packed)
+        backbone_hidden(plain.get_base_model(), packed=packed)
 
 
 def test_fused_forward_packs_pairs_when_it_can():

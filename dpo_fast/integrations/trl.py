@@ -20,8 +20,7 @@ import importlib
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from dpo_fast.patching import patch
-from dpo_fast.patching.support import UnsupportedModelError
+from dpo_fast.patching import BodyOptions, UnsupportedModelError, patch
 
 #: Trainer modules whose `add_fused_lm_head` is replaced.
 TRAINER_MODULES: Tuple[str, ...] = ("trl.trainer.dpo_trainer", "trl.trainer.sft_trainer")
@@ -84,11 +83,7 @@ def enable(*, body: bool = True, **patch_options: Any) -> None:
     model puts dpo_fast's function back on its next call, dpo_fast.patching.checkpointing).
     Raises RuntimeError for an unsupported trl version.
     """
-    from dpo_fast.patching import BODY_OPTIONS
-
-    unknown = sorted(set(patch_options) - set(BODY_OPTIONS))
-    if unknown:
-        raise TypeError(f"enable() got unknown option(s) {unknown}; options are body, {sorted(BODY_OPTIONS)}")
+    BodyOptions.check_names(patch_options, "enable()")
     _check_trl()
     _patch_options.clear()
     _patch_options.update(body=body, **patch_options)

@@ -21,26 +21,20 @@ skip o_proj's GEMMs (dpo_fast.patching.checkpointing).
 """
 from __future__ import annotations
 
-import contextvars
 import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
 
-_copy_streams: dict = {}
+from ..state import OFFLOAD_FORWARD, OFFLOAD_RELOADED
 
-# the parked inputs of the layer whose checkpointed forward is running (park() adds to them)
-_FORWARD: contextvars.ContextVar[Optional["_Parked"]] = contextvars.ContextVar("dpo_fast_offload_forward",
-                                                                               default=None)
-# during a layer's recompute: the tensor its forward parked with park(), back on the device
-_RELOADED: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("dpo_fast_offload_reloaded",
-                                                                                  default=None)
+_copy_streams: dict = {}
 
 
 def park(t: torch.Tensor) -> bool:
     """In an offloaded checkpoint's forward, park `t` in host memory with the layer's input, to get it back
     from `parked()` in the recompute (one tensor per layer call). False (nothing parked) anywhere else."""
-    current = _FORWARD.get()
+    current = OFFLOAD_FORWARD.get()
     if current is None or len(current.host) > 1:
         return False
     current.add(t)
@@ -49,7 +43,7 @@ def park(t: torch.Tensor) -> bool:
 
 def parked() -> Optional[torch.Tensor]:
     """In an offloaded checkpoint's recompute, the tensor its forward parked with `park`, else None."""
-    return _RELOADED.get()
+    return OFFLOAD_RELOADED.get()
 
 
 def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -135,12 +129,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type)) \
             if hidden.device.type in ("cuda", "cpu") else (False, None)
         ctx.parked = _Parked(hidden)
-        token = _FORWARD.set(ctx.parked)
+        token = OFFLOAD_FORWARD.set(ctx.parked)
         try:
             with torch.no_grad():
                 outputs = run_function(hidden, *args)
         finally:
-            _FORWARD.reset(token)
+            OFFLOAD_FORWARD.reset(token)
         tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.tensor_idx = tensor_idx
         ctx.args = [None if i in tensor_idx else a for i, a in enumerate(args)]
@@ -165,12 +159,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             enabled, dtype = ctx.autocast
-            token = _RELOADED.set(extra[0] if extra else None)
+            token = OFFLOAD_RELOADED.set(extra[0] if extra else None)
             try:
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
                     outputs = ctx.run_function(hidden, *args)
             finally:
-                _RELOADED.reset(token)
+                OFFLOAD_RELOADED.reset(token)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

@@ -31,31 +31,33 @@ QLoRA linear runs in the autocast dtype, as peft + bitsandbytes do.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import inspect
 import sys
 import types
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import AttentionInterface
 
+from .. import state
 from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
 from ..ops.qlora_group import apply_group, can_group
 from ..ops.qlora_linear import TRITON_DEQUANT, is_4bit_base, is_supported_base, lora_linear
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 from ..ops.swiglu import swiglu
+from ..state import is_patched_lora, lora_bypassed, prefix_sharing_enabled, record_holder
 from . import checkpointing as layer_checkpointing
 from .checkpointing import END, MID, mid_residual, output_unread
+from .options import BodyOptions
 
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
 #: The switches of patch_body, in the order they are reported.
-BODY_KERNELS = ("rms_norm", "rope", "swiglu", "qlora_linear", "nf4_dequant", "offload_checkpointing",
-                "prefix_sharing", "recompute_tail_skip")
+BODY_KERNELS = BodyOptions.names()
 
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
@@ -65,7 +67,6 @@ _ATTN_CLASSES = {f"{f}Attention" for f in _FAMILIES}
 _LAYER_CLASSES = {f"{f}DecoderLayer" for f in _FAMILIES}
 _SILU_CLASSES = {"SiLU", "SiLUActivation"}
 
-_STATE = "_dpo_fast_body"          # on the causal LM: what patch_body did
 _PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previous instance value or _MISSING)
 _ATTN = "_dpo_fast_attention"      # on a patched attention module: {"rope": bool, "prefix": bool}
 _PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast.ops.prefix_attention
@@ -75,10 +76,6 @@ _MISSING = "<no instance forward>"
 #: sibling projections that read the same input, run as one grouped op (dpo_fast.ops.qlora_group)
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_rope_active", default=False)
-# While set, every LoRA layer patched here computes its base layer only (adapters disabled): the
-# reference pass uses it instead of toggling every layer through peft (see lora_bypassed).
-_LORA_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_lora_off", default=False)
 _rope_installs: Dict[str, list] = {}   # modeling module name -> [original function, number of patched models]
 
 
@@ -125,7 +122,7 @@ def _attention_forward(self, *args: Any, **kwargs: Any):
     if prefix and not opts["prefix"]:
         raise RuntimeError(f"{type(self).__name__}: a prefix-shared batch reached an attention module that was "
                            "not patched with prefix_sharing=True")
-    token = _ROPE_ACTIVE.set(opts["rope"])
+    token = state.ROPE_ACTIVE.set(opts["rope"])
     config = self.__dict__.get("config")
     if prefix:
         self.__dict__["config"] = _PrefixConfigView(config)
@@ -134,7 +131,7 @@ def _attention_forward(self, *args: Any, **kwargs: Any):
     finally:
         if prefix:
             self.__dict__["config"] = config
-        _ROPE_ACTIVE.reset(token)
+        state.ROPE_ACTIVE.reset(token)
 
 
 def _lora_plan(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
@@ -203,7 +200,7 @@ class _LoRAGroup:
 
 
 def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if _LORA_OFF.get():
+    if state.LORA_OFF.get():
         return self.base_layer(x, *args, **kwargs)  # peft's forward with adapters disabled, unmerged
     grouped = self.__dict__.get(_GROUP)
     if grouped is not None and not args and not kwargs:
@@ -219,6 +216,8 @@ def _lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     output = not output_unread(self.__dict__.get(_TAIL))
     return lora_linear(x, self.base_layer, lora_a, lora_b, scaling, dropout_p=p, output=output)
 
+
+setattr(_lora_forward, state.LORA_FORWARD_MARK, True)  # what state.is_patched_lora looks for
 
 _PATCHED_FUNCS = (_rms_norm_forward, _mid_norm_forward, _mlp_forward, _attention_forward, _lora_forward)
 
@@ -300,7 +299,7 @@ def _make_rope_dispatch(original):
 
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if not _ROPE_ACTIVE.get():
+        if not state.ROPE_ACTIVE.get():
             return original(q, k, cos, sin, *args, **kwargs)
         if not args and not kwargs:
             ud = default_ud
@@ -344,31 +343,23 @@ def _uninstall_rope(owner_name: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Public API
 
-def _state_holder(model: nn.Module) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-               qlora_linear: bool = True, nf4_dequant: bool = True, offload_checkpointing: bool = False,
-               prefix_sharing: bool = False, recompute_tail_skip: bool = True) -> Dict[str, int]:
+def patch_body(model: nn.Module, options: Optional[BodyOptions] = None, **switches: bool) -> Dict[str, int]:
     """Swap dpo_fast's body kernels into `model` in place; returns how many modules each switch changed.
 
     model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 dense), bare or in a
     peft PeftModel. Patching an already patched model first undoes the previous patch.
-    nf4_dequant: with qlora_linear, the patched LoRA layers' bitsandbytes 4-bit bases are dequantized by
-    dpo_fast.kernels.dequant_4bit on CUDA (bitwise bitsandbytes' values); counted per 4-bit base.
-    prefix_sharing: let the attention modules take packed [prompt | chosen | rejected] rows
-    (`dpo_fast.prefix_sharing`); ordinary calls are unchanged.
-    recompute_tail_skip: with qlora_linear, each decoder layer's checkpoint recompute skips down_proj's
-    GEMMs, whose output it throws away (`dpo_fast.patching.checkpointing`), and with offload_checkpointing
-    and rms_norm also o_proj's (the post-attention norm parks the mid residual beside the layer input);
-    counted per decoder layer.
+    options / switches: a `BodyOptions` (default: its defaults), with any switch given by keyword
+    replaced (``patch_body(model, rms_norm=False)``). Counts: nf4_dequant per 4-bit base the kernel
+    dequantizes (CUDA only at run time), recompute_tail_skip per decoder layer whose checkpoint recompute
+    skips down_proj's GEMMs (and, with offload_checkpointing and rms_norm, o_proj's: see
+    `dpo_fast.patching.checkpointing`), prefix_sharing per attention module that takes packed rows.
     """
-    holder = _state_holder(model)
-    if _STATE in holder.__dict__:
+    opts = BodyOptions.build("patch_body()", options, **switches)
+    rms_norm, rope, swiglu, qlora_linear = opts.rms_norm, opts.rope, opts.swiglu, opts.qlora_linear
+    nf4_dequant, prefix_sharing = opts.nf4_dequant, opts.prefix_sharing
+    offload_checkpointing, recompute_tail_skip = opts.offload_checkpointing, opts.recompute_tail_skip
+    holder = record_holder(model)
+    if state.BODY_RECORD in holder.__dict__:
         unpatch_body(model)
     counts = dict.fromkeys(BODY_KERNELS, 0)
     lora_types = _lora_linear_types()
@@ -402,12 +393,9 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     for owner in rope_owners.values():
         _install_rope(owner)
     if counts["prefix_sharing"]:
-        from transformers.modeling_utils import AttentionInterface
-
         AttentionInterface.register(_PREFIX_IMPL, prefix_shared_attention)
     checkpointing = []
     if offload_checkpointing:
-        from transformers.modeling_layers import GradientCheckpointingLayer
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         any_on = any(m.gradient_checkpointing for m in layers)
         for m in layers:
@@ -419,8 +407,8 @@ def patch_body(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, sw
     tails = _mark_tails(model, mid=offload_checkpointing) if qlora_linear and recompute_tail_skip else []
     counts["recompute_tail_skip"] = len(tails)
     layer_checkpointing.install(holder, offload=[m for m, _, _ in checkpointing], tail_skip=tails)  # sets them
-    holder.__dict__[_STATE] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
-                               "counts": dict(counts)}
+    holder.__dict__[state.BODY_RECORD] = {"rope_owners": sorted(rope_owners), "checkpointing": checkpointing,
+                                          "counts": dict(counts), "options": opts}
     return counts
 
 
@@ -466,49 +454,20 @@ def _mark_mid(layer: nn.Module) -> None:
     o_proj.__dict__[_TAIL] = MID
 
 
-def is_patched_lora(module: nn.Module) -> bool:
-    """True for a peft LoRA layer whose forward is dpo_fast's (so `lora_bypassed` disables its adapter)."""
-    for attr in ("_old_forward", "forward"):
-        if getattr(module.__dict__.get(attr), "__func__", None) is _lora_forward:
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def lora_bypassed() -> Iterator[None]:
-    """For the block, every LoRA layer dpo_fast patched runs its base layer only (adapters disabled).
-
-    O(1), where peft's `disable_adapter()` walks and toggles every layer and reports the model's status
-    (tens of ms on an 8B model, during which the GPU waits). Only valid when every adapter layer of the
-    model is a patched, unmerged LoRA layer: `dpo_fast.patching.reference` checks that.
-    """
-    token = _LORA_OFF.set(True)
-    try:
-        yield
-    finally:
-        _LORA_OFF.reset(token)
-
-
-def prefix_sharing_enabled(model: nn.Module) -> bool:
-    """True when `patch_body(model, prefix_sharing=True)` is in effect (the attention takes packed pairs)."""
-    state = _state_holder(model).__dict__.get(_STATE)
-    return bool(state and state["counts"].get("prefix_sharing"))
-
-
 def unpatch_body(model: nn.Module) -> nn.Module:
     """Undo `patch_body`: restore every original forward and checkpointing setting; returns model."""
-    holder = _state_holder(model)
-    state = holder.__dict__.pop(_STATE, None)
+    holder = record_holder(model)
+    record = holder.__dict__.pop(state.BODY_RECORD, None)
     layer_checkpointing.uninstall(holder)
     for module in model.modules():
         if _PREV in module.__dict__:
             _restore_forward(module)
         module.__dict__.pop(TRITON_DEQUANT, None)
-    if state is None:
+    if record is None:
         return model
-    for name in state["rope_owners"]:
+    for name in record["rope_owners"]:
         _uninstall_rope(name)
-    for m, func, flag in state["checkpointing"]:
+    for m, func, flag in record["checkpointing"]:
         for attr, value in (("_gradient_checkpointing_func", func), ("gradient_checkpointing", flag)):
             if value is _MISSING:
                 m.__dict__.pop(attr, None)

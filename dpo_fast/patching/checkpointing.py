@@ -3,8 +3,8 @@
 Each transformers decoder layer checkpoints through its own ``_gradient_checkpointing_func``, which
 ``gradient_checkpointing_enable()`` replaces on every layer. Trainers call it after `patch()`: the HF
 Trainer when training starts, and TRL's DPOTrainer around every reference pass (it turns checkpointing
-off and on again). So `patch()` records what it wants here, and every backbone call (`refresh`, one dict
-read per layer) puts it back on the layers that lost it:
+off and on again). So `patch()` records what it wants here, and a forward pre-hook on the decoder stack puts it
+back, before every call, on the layers that lost it (`refresh`: one dict read per layer):
 
 * offloaded checkpointing (``offload_checkpointing=True``): dpo_fast.ops.offload_checkpoint;
 * the recompute tail skip (``recompute_tail_skip=True``): the function in place, wrapped in
@@ -35,12 +35,12 @@ offloading, keeping h would cost as much GPU memory as the checkpoints themselve
 """
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..ops.offload_checkpoint import offloaded_checkpoint, park, parked
+from ..state import RECOMPUTING, recomputing
 
 __all__ = ["TailSkippingCheckpoint", "recomputing", "unwrapped", "install", "refresh", "uninstall", "END", "MID",
            "output_unread", "mid_residual"]
@@ -49,17 +49,9 @@ __all__ = ["TailSkippingCheckpoint", "recomputing", "unwrapped", "install", "ref
 END = "end"   # the layer's last one (down_proj): always, in a recompute
 MID = "mid"   # the attention block's last one (o_proj): when the layer's forward parked the mid residual
 
-_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("dpo_fast_recomputing", default=False)
-
-
-def recomputing() -> bool:
-    """True while a layer wrapped by `TailSkippingCheckpoint` is being recomputed (its output unread)."""
-    return _RECOMPUTING.get()
-
-
 def output_unread(tail: Optional[str]) -> bool:
     """True when a projection marked `tail` (END, MID or None) runs in a recompute that never reads its output."""
-    if tail is None or not _RECOMPUTING.get():
+    if tail is None or not RECOMPUTING.get():
         return False
     return tail == END or parked() is not None
 
@@ -96,11 +88,11 @@ class _LayerCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        token = _RECOMPUTING.set(self.calls > 1)
+        token = RECOMPUTING.set(self.calls > 1)
         try:
             return self.function(*args, **kwargs)
         finally:
-            _RECOMPUTING.reset(token)
+            RECOMPUTING.reset(token)
 
 
 class TailSkippingCheckpoint:
@@ -122,20 +114,37 @@ def unwrapped(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _FUNC = "_gradient_checkpointing_func"   # transformers' per-layer checkpoint function
-_RECORD = "_dpo_fast_checkpointing"       # on the causal LM: {"offload": [layers], "tail_skip": [layers]}
+_RECORD = "_dpo_fast_checkpointing"       # on the decoder stack: {"offload": [layers], "tail_skip": [layers], ...}
+
+
+def _decoder_stack(holder: Any) -> Any:
+    """The decoder stack (e.g. LlamaModel) of a causal LM: every forward of the model goes through it."""
+    return getattr(holder, holder.base_model_prefix)
+
+
+def _refresh_hook(stack: Any, args: Any) -> None:
+    """Forward pre-hook on the decoder stack: `refresh` before every call, whoever makes it."""
+    _refresh_record(stack.__dict__.get(_RECORD))
 
 
 def install(holder: Any, *, offload: Sequence[Any] = (), tail_skip: Sequence[Any] = ()) -> None:
-    """Record on `holder` (the causal LM) which layers get offloaded checkpointing and which the tail skip,
-    and set their functions now."""
+    """Record which layers of `holder` (the causal LM) get offloaded checkpointing and which the tail skip, set
+    their functions now, and put them back before every later call of the decoder stack."""
     if offload or tail_skip:
-        holder.__dict__[_RECORD] = {"offload": list(offload), "tail_skip": list(tail_skip)}
+        stack = _decoder_stack(holder)
+        # the hook's id, not its handle: a deep copy of the model must remove its own hook, and a handle
+        # would keep pointing at the original's hook table
+        hook_id = stack.register_forward_pre_hook(_refresh_hook).id
+        stack.__dict__[_RECORD] = {"offload": list(offload), "tail_skip": list(tail_skip), "hook_id": hook_id}
         refresh(holder)
 
 
 def refresh(holder: Any) -> None:
     """Put the recorded checkpoint functions back on layers whose function was replaced since (cheap)."""
-    record = holder.__dict__.get(_RECORD)
+    _refresh_record(_decoder_stack(holder).__dict__.get(_RECORD))
+
+
+def _refresh_record(record: Optional[dict]) -> None:
     if record is None:
         return
     for layer in record["offload"]:
@@ -148,9 +157,13 @@ def refresh(holder: Any) -> None:
 
 
 def uninstall(holder: Any) -> None:
-    """Forget the record; each tail-skip layer gets back the function its wrapper holds."""
-    record = holder.__dict__.pop(_RECORD, None)
-    for layer in record["tail_skip"] if record else ():
+    """Forget the record and remove the hook; each tail-skip layer gets back the function its wrapper holds."""
+    stack = _decoder_stack(holder)
+    record = stack.__dict__.pop(_RECORD, None)
+    if record is None:
+        return
+    stack._forward_pre_hooks.pop(record["hook_id"], None)
+    for layer in record["tail_skip"]:
         func = layer.__dict__.get(_FUNC)
         if isinstance(func, TailSkippingCheckpoint):
             layer.__dict__[_FUNC] = func.inner

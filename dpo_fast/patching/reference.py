@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ..state import is_patched_lora, lora_bypassed
 from .support import is_peft_model
+
+#: peft's adapter layers and wrappers: what "adapters disabled" must switch off
+_ADAPTER_TYPES = (BaseTunerLayer, AuxiliaryTrainingWrapper)
 
 REF_ADAPTER_NAME = "ref"
 
@@ -36,21 +42,13 @@ class _Scan:
 
 def _scan(model: nn.Module) -> _Scan:
     """One pass over `model.modules()` (an 8B peft model has thousands: walk them once per reference pass)."""
-    from .body import is_patched_lora
-
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-        adapter_types: tuple = (BaseTunerLayer, AuxiliaryTrainingWrapper)
-    except ImportError:  # pragma: no cover - peft is a dependency
-        adapter_types = ()
     found = _Scan()
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False) is True:
             found.checkpointed.append(m)
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
             found.dropouts.append(m)
-        if adapter_types and isinstance(m, adapter_types):
+        if isinstance(m, _ADAPTER_TYPES):
             found.adapters += 1
             if not (is_patched_lora(m) and not getattr(m, "merged", True)):
                 found.bypassable = False
@@ -118,8 +116,6 @@ def reference_model(model: nn.Module, *, ref_model: Optional[nn.Module] = None,
     Inside the block gradients, dropout and gradient checkpointing are off;
     all of it is restored on exit.
     """
-    from .body import lora_bypassed
-
     kind = describe_reference(model, ref_model, ref_adapter_name)
     target = ref_model if ref_model is not None else model
     found = _scan(target)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 import torch
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 SUPPORTED_MODEL_TYPES: Tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
@@ -46,11 +47,7 @@ def _unsupported(reason: str) -> UnsupportedModelError:
 
 
 def is_peft_model(model: Any) -> bool:
-    """True for a peft `PeftModel` (without importing peft when it is not installed)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
+    """True for a peft `PeftModel`."""
     return isinstance(model, PeftModel)
 
 
@@ -64,8 +61,6 @@ def unwrap_causal_lm(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
 
 
 def _check_peft(peft_model: nn.Module) -> None:
-    from peft import LoraConfig
-
     for name, cfg in peft_model.peft_config.items():
         if not isinstance(cfg, LoraConfig):
             raise _unsupported(f"peft adapter {name!r} is a {type(cfg).__name__}, not LoRA")

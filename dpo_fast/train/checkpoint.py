@@ -20,16 +20,12 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from dpo_fast.patching import unpatch
+from dpo_fast.patching.support import is_peft_model
+
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
-
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    """`dpo_fast.patching.support.is_peft_model`, imported on first use (it pulls in transformers)."""
-    from dpo_fast.patching.support import is_peft_model as _is_peft_model
-
-    return _is_peft_model(model)
 
 
 def save_model_weights(model: torch.nn.Module, directory: str) -> None:
@@ -143,17 +139,9 @@ def save_merged(model: torch.nn.Module, directory: str, tokenizer: Any = None) -
             clone.delete_adapter("ref")
         clone.set_adapter("default")
         target = clone.merge_and_unload()
-    _unpatch_if_patched(target)
+    unpatch(target)
     target.save_pretrained(directory)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)
     return directory
 
-
-def _unpatch_if_patched(model: torch.nn.Module) -> None:
-    try:
-        from dpo_fast.patching import unpatch
-
-        unpatch(model)
-    except Exception:
-        pass

@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 
 import torch
 
+from dpo_fast import patching
+
 from .config import TrainConfig
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
@@ -171,9 +173,7 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) -> 
             raise ValueError(f"adapter: {cfg.adapter!r} holds no adapter_config.json")
         model = PeftModel.from_pretrained(model, cfg.adapter, adapter_name="default", is_trainable=True)
         if cfg.stage == "dpo" and not cfg.reference_free:
-            from dpo_fast.patching import add_reference_adapter
-
-            add_reference_adapter(model, source_adapter="default", name="ref")
+            patching.add_reference_adapter(model, source_adapter="default", name="ref")
             model.set_adapter("default")
         return model
     targets = cfg.target_modules or default_target_modules(model)
@@ -196,8 +196,6 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool =
     if hasattr(model, "config"):
         model.config.use_cache = False
     if cfg.patch:
-        import dpo_fast.patching as patching
-
         model = patching.patch(model, offload_checkpointing=cfg.offload_checkpointing,
                                prefix_sharing=cfg.prefix_sharing)
     return model

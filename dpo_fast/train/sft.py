@@ -10,7 +10,7 @@ from typing import Dict, Tuple
 
 import torch
 
-IGNORE_INDEX = -100
+from dpo_fast.forward import IGNORE_INDEX, token_log_probs
 
 
 def chosen_half(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -30,8 +30,6 @@ def sft_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
 
 def sft_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
     """(mean NLL per chosen completion token, metrics) for a preference batch."""
-    from dpo_fast.dpo import token_log_probs
-
     half = chosen_half(batch)
     if "completion_mask" not in half:
         raise ValueError("batch: missing completion_mask")

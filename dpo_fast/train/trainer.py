@@ -18,6 +18,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from dpo_fast.data import (LengthGroupedBatchSampler, PreferenceCollator, example_length, load_preference_rows,
+                           split_eval, tokenize_pairs)
+from dpo_fast.dpo import compute_dpo_loss
+from dpo_fast.forward import sequence_logps
+from dpo_fast.patching.reference import describe_reference, reference_model
+
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .logging import PLOT_FILE, MetricsLogger, ProgressBar, plot_metrics, read_metrics
@@ -25,6 +31,7 @@ from .loop import LoopState, StopFlag, autocast_dtype, evaluate, run_loop
 from .model_loading import LoadedModel, load_model, resolve_device
 from .optim import build_optimizer, build_scheduler
 from . import ref_cache
+from .sft import sft_loss
 
 FINAL_STATE_FILE = "train_config.json"
 
@@ -79,8 +86,6 @@ class DPOFastTrainer:
         """Load model, data, reference log-probs, optimizer and scheduler (idempotent)."""
         if self._ready:
             return self
-        from dpo_fast.data import LengthGroupedBatchSampler, PreferenceCollator, example_length, load_preference_rows, split_eval, tokenize_pairs
-
         cfg = self.cfg
         seed_everything(cfg.seed)
         loaded: LoadedModel = load_model(cfg, model=self._given_model, tokenizer=self._given_tokenizer,
@@ -136,18 +141,11 @@ class DPOFastTrainer:
     def loss_fn(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """The stage's loss on one preference batch."""
         if self.cfg.stage == "sft":
-            from .sft import sft_loss
-
             return sft_loss(model, batch)
-        from dpo_fast.dpo import compute_dpo_loss
-
         return compute_dpo_loss(model, batch, ref_model=self.ref_model, **self.cfg.loss_options())
 
     def reference_logps(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reference sequence log-probs [B], [B]: the same computation compute_dpo_loss runs on the fly."""
-        from dpo_fast.dpo import sequence_logps
-        from dpo_fast.patching import reference_model
-
         ref_model = self.ref_model
         if ref_model is None and not ckpt.is_peft_model(model):
             ref_model = model  # full fine-tune, precomputed before any update: the model is the reference
@@ -155,8 +153,6 @@ class DPOFastTrainer:
             return sequence_logps(ref, batch, average_log_prob=self.cfg.average_log_prob, ld_alpha=self.cfg.ld_alpha)
 
     def reference_description(self) -> str:
-        from dpo_fast.patching.reference import describe_reference
-
         if self.ref_model is None and not ckpt.is_peft_model(self.model):
             return "initial-weights"
         return describe_reference(self.model, self.ref_model)
