@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from dpo_fast.loss_options import check_ld_alpha
 from dpo_fast.losses import (
     as_loss_types,
     dpo_loss,
@@ -47,6 +48,7 @@ def sequence_log_probs(
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [2B, T, d], got shape {tuple(hidden.shape)}")
+    check_ld_alpha(ld_alpha, average)
     rows, t = labels.shape if labels.dim() == 2 else (None, None)
     if rows is None:
         raise ValueError(f"labels must be [2B, T], got shape {tuple(labels.shape)}")

@@ -220,14 +220,25 @@ def f_divergence_scores(logratios: Tensor, kind: str, alpha: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- queries on the table
-def as_loss_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
-    """Validate ``loss_type`` (one name or a list of names) and return it as a tuple."""
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+def as_loss_types(loss_type: str | Sequence[str], *, name: str = "loss_type") -> tuple[str, ...]:
+    """Validate ``loss_type`` (one name or a list of names) and return it as a tuple.
+
+    ``name`` labels the errors (e.g. a command-line flag).
+    """
+    if isinstance(loss_type, str):
+        types: tuple = (loss_type,)
+    else:
+        try:
+            types = tuple(loss_type)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a loss type name or a list of them, got {type(loss_type).__name__}"
+            ) from None
     if not types:
-        raise ValueError(f"loss_type must name at least one loss type; valid: {list(LOSS_TYPES)}")
-    for name in types:
-        if not isinstance(name, str) or name not in LOSSES:
-            raise ValueError(f"loss_type: unknown loss type {name!r}; valid: {list(LOSS_TYPES)}")
+        raise ValueError(f"{name} must name at least one loss type; valid: {list(LOSS_TYPES)}")
+    for t in types:
+        if not isinstance(t, str) or t not in LOSSES:
+            raise ValueError(f"{name}: unknown loss type {t!r}; valid: {list(LOSS_TYPES)}")
     return types
 
 

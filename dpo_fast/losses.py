@@ -1,8 +1,9 @@
 """The DPO loss family, with TRL's loss-type names and formulas.
 
-`dpo_loss` maps per-sequence log-probs to per-pair losses and rewards: it validates, builds the
-shared quantities (log-ratios, f-divergence scores, lengths) once and sums the selected rows of
-the loss table (`dpo_fast.loss_types`, one small formula per type, TRL 1.16's). On top of TRL 1.x:
+`dpo_loss` maps per-sequence log-probs to per-pair losses and rewards: it checks its options
+(`dpo_fast.loss_options.LossOptions`) and tensors, builds the shared quantities (log-ratios,
+f-divergence scores, lengths) once and sums the selected rows of the loss table
+(`dpo_fast.loss_types`, one small formula per type, TRL 1.16's). On top of TRL 1.x:
 
 * ``reference_free=True`` for any type: reference log-probs are taken as 0.
 * ``bco_delta``: the running reward mean that TRL <= 0.2x subtracted in ``bco_pair``
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from dpo_fast.loss_options import LossOptions, check_ld_alpha, check_real
 from dpo_fast.loss_types import (
     F_DIVERGENCE_TYPES,
     LOSS_TYPES,
@@ -45,18 +47,6 @@ __all__ = [
     "wpo_weights",
     "BCORunningMean",
 ]
-
-
-def _check_scalar(name: str, value: float, *, low: float | None = None, low_open: bool = True) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    return value
 
 
 def _check_vector(name: str, t: object, batch: int | None) -> Tensor:
@@ -144,37 +134,14 @@ def dpo_loss(
         beta * length-normalised logps, as TRL's CPO trainer and Liger log them. Computed in
         float32 at least (float64 inputs stay float64).
     """
-    types = as_loss_types(loss_type)
+    options = LossOptions(
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        reference_free=reference_free, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+    )
+    types, beta, reference_free = options.loss_type, options.beta, options.reference_free
     specs = [LOSSES[t] for t in types]
-    if loss_weights is None:
-        weights = [1.0] * len(types)
-    else:
-        weights = list(loss_weights)
-        if len(weights) != len(types):
-            raise ValueError(
-                f"loss_weights has {len(weights)} entries but loss_type has {len(types)} ({list(types)})"
-            )
-        weights = [_check_scalar("loss_weights", w) for w in weights]
-
-    beta = _check_scalar("beta", beta, low=0.0)
-    label_smoothing = _check_scalar("label_smoothing", label_smoothing, low=0.0, low_open=False)
-    # [0, 0.5): robust divides by 1 - 2*eps; cDPO/aot at 0.5 have no gradient and beyond flip the labels.
-    if label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if "exo_pair" in types and label_smoothing == 0.0:
-        raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper suggests 1e-3)")
-    discopop_tau = _check_scalar("discopop_tau", discopop_tau, low=0.0)
-    simpo_gamma = _check_scalar("simpo_gamma", simpo_gamma)
-    f_alpha_divergence_coef = _check_scalar("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    if f_divergence_type not in F_DIVERGENCE_TYPES:
-        raise ValueError(f"f_divergence_type: unknown {f_divergence_type!r}; valid: {list(F_DIVERGENCE_TYPES)}")
-    if f_divergence_type != "reverse_kl":
-        bad = [t for t, s in zip(types, specs) if not s.f_divergence]
-        if bad:
-            valid = [t for t, s in LOSSES.items() if s.f_divergence]
-            raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} is only defined for loss types {valid}; got {bad}"
-            )
+    weights = options.loss_weights if options.loss_weights is not None else (1.0,) * len(types)
 
     chosen_logps = _check_vector("chosen_logps", chosen_logps, None)
     batch = chosen_logps.shape[0]
@@ -217,7 +184,7 @@ def dpo_loss(
             raise ValueError(f"bco_delta must be a scalar, got shape {tuple(bco_delta.shape)}")
         named["bco_delta"] = bco_delta.reshape(())
     else:
-        bco_delta = _check_scalar("bco_delta", bco_delta)
+        bco_delta = check_real("bco_delta", bco_delta)
     if check_finite:
         _check_values(named, lengths)
 
@@ -229,6 +196,7 @@ def dpo_loss(
     else:
         ref_chosen, ref_rejected = cast(ref_chosen_logps), cast(ref_rejected_logps)
     chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
+    f_divergence = (options.f_divergence_type, options.f_alpha_divergence_coef)
     pairs = Pairs(
         chosen_logps=chosen,
         rejected_logps=rejected,
@@ -236,15 +204,15 @@ def dpo_loss(
         ref_rejected_logps=ref_rejected,
         chosen_logratios=chosen_logratios,
         rejected_logratios=rejected_logratios,
-        chosen_scores=f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
-        rejected_scores=f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef),
+        chosen_scores=f_divergence_scores(chosen_logratios, *f_divergence),
+        rejected_scores=f_divergence_scores(rejected_logratios, *f_divergence),
         chosen_lengths=cast(lengths.get("chosen_lengths")),
         rejected_lengths=cast(lengths.get("rejected_lengths")),
         chosen_nll=cast(chosen_nll),
         beta=beta,
-        label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau,
-        simpo_gamma=simpo_gamma,
+        label_smoothing=options.label_smoothing,
+        discopop_tau=options.discopop_tau,
+        simpo_gamma=options.simpo_gamma,
         bco_delta=cast(bco_delta.reshape(())) if isinstance(bco_delta, Tensor) else bco_delta,
     )
 
@@ -303,12 +271,7 @@ def reduce_sequence_logps(
     _check_pair_rows("loss_mask", loss_mask, token_logps)
     if not token_logps.is_floating_point():
         raise TypeError(f"token_logps must be a floating-point tensor, got {token_logps.dtype}")
-    if ld_alpha is not None:
-        ld_alpha = _check_scalar("ld_alpha", ld_alpha, low=0.0, low_open=False)
-        if ld_alpha > 1.0:
-            raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
-        if average:
-            raise ValueError("ld_alpha and average=True cannot be combined (LD-DPO weights summed log-probs)")
+    ld_alpha = check_ld_alpha(ld_alpha, average)
 
     mask = loss_mask != 0
     dtype = torch.promote_types(token_logps.dtype, torch.float32)
