@@ -1,4 +1,4 @@
-"""LossOptions: each rule of the loss options raises naming the option."""
+"""LossOptions: each rule of the loss options raises naming the option; the trainer config reuses it."""
 from __future__ import annotations
 
 import inspect
@@ -10,6 +10,8 @@ import torch
 from dpo_fast import compute_dpo_loss, dpo_loss, fused_linear_dpo_loss
 from dpo_fast.loss_options import LossOptions
 from dpo_fast.loss_types import F_DIVERGENCE_TYPES, LOSS_TYPES, LOSSES
+from dpo_fast.train import TrainConfig
+from dpo_fast.train.config import LOSS_FIELDS
 
 F_DIV_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")  # TRL's list
 
@@ -122,12 +124,58 @@ def test_as_kwargs_round_trips_and_feeds_the_loss_functions():
     assert set(kwargs) <= accepted
 
 
-def test_defaults_are_those_of_the_loss_functions():
+def test_defaults_are_those_of_the_loss_functions_and_the_config():
     defaults = LossOptions()
+    config = TrainConfig()
     for fn in (dpo_loss, fused_linear_dpo_loss, compute_dpo_loss):
         for name, param in inspect.signature(fn).parameters.items():
             if name in LossOptions.names():
                 assert LossOptions(**{name: param.default}) == defaults, (fn.__name__, name)
+    for name in LOSS_FIELDS:
+        assert LossOptions(**{name: getattr(config, name)}) == defaults, name
+    assert set(LOSS_FIELDS) == {"loss_type", "loss_weights", "beta", "label_smoothing", "reference_free",
+                                "ld_alpha", "average_log_prob"}
+
+
+# ----------------------------------------------------------------------------- the trainer config reuses it
+@pytest.mark.parametrize("fields,pattern", [
+    (dict(loss_kwargs={"simpo_gama": 0.7}), r"unknown loss option\(s\) \['simpo_gama'\]; valid: .*'simpo_gamma'"),
+    (dict(loss_kwargs={"check_finite": False}), r"unknown loss option\(s\) \['check_finite'\]"),
+    (dict(loss_kwargs={"beta": 0.2}), r"loss_kwargs: 'beta' has its own option; set TrainConfig.beta \(--beta\)"),
+    (dict(loss_kwargs={"loss_type": "ipo"}), r"'loss_type' has its own option; .*--loss-type"),
+    (dict(loss_kwargs=[("simpo_gamma", 0.7)]), r"loss_kwargs: must be a dict of loss options, got list"),
+    (dict(loss_kwargs={"simpo_gamma": "high"}), r"simpo_gamma must be a real number, got str"),
+    (dict(loss_kwargs={"use_weighting": "yes"}), r"use_weighting must be True or False"),
+    (dict(loss_kwargs={"f_divergence_type": "kl"}), r"f_divergence_type: unknown 'kl'"),
+    (dict(loss_kwargs={"f_divergence_type": "forward_kl"}, loss_type="sigmoid,bco_pair"),
+     r"only defined for loss types .*; got \['bco_pair'\]"),
+    (dict(loss_kwargs={"discopop_tau": 0}, loss_type="discopop"), r"discopop_tau must be > 0.0, got 0.0"),
+    (dict(loss_type="exo_pair"), r"label_smoothing must be > 0 for loss_type 'exo_pair'"),
+    (dict(loss_type="sigmoid,nope"), r"loss_type: unknown loss type 'nope'"),
+    (dict(loss_type=[]), r"loss_type must name at least one loss type"),
+    (dict(label_smoothing=0.5), r"label_smoothing must lie in \[0, 0.5\), got 0.5"),
+    (dict(beta=0.0), r"beta must be > 0.0, got 0.0"),
+    (dict(beta="x"), r"beta must be a real number, got str"),
+    (dict(ld_alpha=1.01), r"ld_alpha must lie in \[0, 1\], got 1.01"),
+    (dict(ld_alpha=0.5, average_log_prob=True), r"ld_alpha cannot be combined with averaged log-probs"),
+    (dict(loss_type="sigmoid,ipo", loss_weights=[1.0]), r"loss_weights has 1 entries but loss_type has 2"),
+])
+def test_config_rejects_a_bad_loss_option_at_construction(fields, pattern):
+    # ValueError only (also for a value of the wrong kind), so the CLI can print it as a usage error
+    with pytest.raises(ValueError, match=pattern):
+        TrainConfig(**fields)
+
+
+def test_config_loss_options_come_from_the_checked_object():
+    cfg = TrainConfig(loss_type="sigmoid, ipo", loss_weights="1,0.5", beta=0.2, label_smoothing=0.1,
+                      ld_alpha=0.5, loss_kwargs={"f_divergence_type": "js_divergence", "use_weighting": True})
+    opts = cfg.build_loss_options()
+    assert opts == LossOptions(loss_type=("sigmoid", "ipo"), loss_weights=(1.0, 0.5), beta=0.2, label_smoothing=0.1,
+                               ld_alpha=0.5, f_divergence_type="js_divergence", use_weighting=True)
+    assert cfg.loss_options() == opts.as_kwargs()
+    cfg.beta = -1.0  # a later edit is checked again when the options are read
+    with pytest.raises(ValueError, match="beta must be > 0.0"):
+        cfg.loss_options()
 
 
 def test_fused_loss_rejects_ld_alpha_with_averaged_log_probs():
