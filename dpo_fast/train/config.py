@@ -44,9 +44,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     gradient_checkpointing: bool = False
-    # offload the checkpointed layer inputs to pinned CPU memory (Unsloth's "smart" checkpointing);
-    # implies gradient_checkpointing and needs patch. 8B QLoRA DPO step on an H200: extra memory 1.9 GB
-    # instead of 3.6 GB at the same step time (benchmarks/RESULTS.md).
+    # gradient checkpointing that keeps each decoder layer's input in pinned CPU memory until the backward
+    # copies it back, the copies overlapping compute (dpo_fast.ops.offload_checkpoint, Unsloth's "smart"
+    # checkpointing); implies gradient_checkpointing and needs patch.
     offload_checkpointing: bool = False
     # run each pair as one row [prompt | chosen | rejected]: the prompt goes through the model once
     # (dpo_fast.prefix_sharing; same loss and gradients); needs patch and right-padded batches.
