@@ -15,6 +15,7 @@ _EXPORTS = {
     "linear_log_probs": "dpo_fast.ops.linear_log_probs",
     "dpo_loss": "dpo_fast.losses",
     "LOSS_TYPES": "dpo_fast.losses",
+    "LossOptions": "dpo_fast.loss_options",
     "reduce_sequence_logps": "dpo_fast.losses",
     "preference_metrics": "dpo_fast.losses",
     "fused_linear_dpo_loss": "dpo_fast.fused_dpo",

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from dpo_fast.train.config import (BAD_ROW_POLICIES, DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS,
-                                   TRUNCATION_MODES, TrainConfig)
+from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
+from dpo_fast.loss_types import F_DIVERGENCE_TYPES, as_loss_types
+from dpo_fast.train.config import DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
 
 
 def _csv_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -81,7 +82,7 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--max-length", type=int, default=d.max_length)
     g.add_argument("--max-prompt-length", type=int, default=None)
     g.add_argument("--truncation-mode", choices=TRUNCATION_MODES, default=d.truncation_mode)
-    g.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default=d.on_bad_row)
+    g.add_argument("--on-bad-row", choices=ON_BAD_ROW, default=d.on_bad_row)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
 
@@ -95,10 +96,11 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
         g.add_argument("--reference-free", action="store_true")
         g.add_argument("--ld-alpha", type=float, default=None, help="LD-DPO length weight in [0, 1]")
         g.add_argument("--average-log-prob", action="store_true")
-        g.add_argument("--f-divergence-type", default=None)
+        g.add_argument("--f-divergence-type", choices=F_DIVERGENCE_TYPES, default=None)
         g.add_argument("--simpo-gamma", type=float, default=None)
         g.add_argument("--loss-kwarg", action="append", type=_kwarg, default=[], metavar="KEY=VALUE",
-                       help="any further dpo_fast.dpo_loss keyword (repeatable)")
+                       help="any further loss option of dpo_fast.loss_options.LossOptions, e.g. use_weighting=true "
+                            "(repeatable; VALUE is read as JSON, else as a string)")
         g.add_argument("--precompute-ref", action="store_true",
                        help="compute reference log-probs once, cached in OUTPUT/ref_cache")
 
@@ -161,11 +163,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
             label_smoothing=args.label_smoothing, reference_free=args.reference_free, ld_alpha=args.ld_alpha,
             average_log_prob=args.average_log_prob, loss_kwargs=loss_kwargs, precompute_ref=args.precompute_ref,
         )
-        from dpo_fast.losses import LOSS_TYPES
-
-        unknown = [t for t in fields["loss_type"] if t not in LOSS_TYPES]
-        if unknown:
-            raise ValueError(f"--loss-type: unknown {unknown}; choose from {list(LOSS_TYPES)}")
+        as_loss_types(fields["loss_type"], name="--loss-type")  # the error names the flag, not the field
     return TrainConfig(**fields)
 
 

@@ -1,14 +1,10 @@
 """The DPO loss family, with TRL's loss-type names and formulas.
 
-`dpo_loss` maps per-sequence log-probs to per-pair losses and rewards. Each loss type is a
-small named function in `_LOSSES` (one table row each, see `LossSpec`); `dpo_loss` only
-validates, builds the shared quantities (log-ratios, f-divergence scores, lengths) once and
-sums the selected rows. Formulas follow TRL 1.16's `DPOTrainer._compute_loss`, so at
-``label_smoothing=0`` every type equals TRL 1.x; the extras are:
+`dpo_loss` maps per-sequence log-probs to per-pair losses and rewards: it checks its options
+(`dpo_fast.loss_options.LossOptions`) and tensors, builds the shared quantities (log-ratios,
+f-divergence scores, lengths) once and sums the selected rows of the loss table
+(`dpo_fast.loss_types`, one small formula per type, TRL 1.16's). On top of TRL 1.x:
 
-* ``sigmoid`` with ``label_smoothing > 0``: the conservative cDPO form of TRL <= 0.28 and Liger.
-* ``simpo``: SimPO (reference-free, length-normalised, target margin ``simpo_gamma``), as in
-  TRL's CPO trainer with ``loss_type="simpo"`` (including its ``label_smoothing`` form).
 * ``reference_free=True`` for any type: reference log-probs are taken as 0.
 * ``bco_delta``: the running reward mean that TRL <= 0.2x subtracted in ``bco_pair``
   (TRL 1.x uses 0, the default here); `BCORunningMean` keeps it.
@@ -21,236 +17,36 @@ concatenated [chosen; rejected] layout, sums / means / LD-DPO), `preference_metr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from dpo_fast.loss_options import LossOptions, check_ld_alpha, check_real
+from dpo_fast.loss_types import (
+    F_DIVERGENCE_TYPES,
+    LOSS_TYPES,
+    LOSSES,
+    LossSpec,
+    Pairs,
+    as_loss_types,
+    f_divergence_scores,
+    needs_reference,
+    per_token,
+)
 
 __all__ = [
     "LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "LossSpec",
+    "as_loss_types",
+    "needs_reference",
     "dpo_loss",
     "reduce_sequence_logps",
     "preference_metrics",
     "wpo_weights",
     "BCORunningMean",
 ]
-
-F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-
-@dataclass(frozen=True)
-class _Pairs:
-    """The quantities a loss function may read; tensors are [B] in the compute dtype."""
-
-    chosen_logps: Tensor
-    rejected_logps: Tensor
-    ref_chosen_logps: Tensor
-    ref_rejected_logps: Tensor
-    chosen_logratios: Tensor
-    rejected_logratios: Tensor
-    chosen_scores: Tensor  # f-divergence transform of the log-ratios (== log-ratios for reverse_kl)
-    rejected_scores: Tensor
-    chosen_lengths: Tensor | None  # completion token counts, float, not clamped
-    rejected_lengths: Tensor | None
-    chosen_nll: Tensor | None
-    beta: float
-    label_smoothing: float
-    discopop_tau: float
-    simpo_gamma: float
-    bco_delta: Tensor | float
-
-    @property
-    def delta(self) -> Tensor:
-        return self.chosen_scores - self.rejected_scores
-
-
-def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
-    """-(1-eps) log sigmoid(z) - eps log sigmoid(-z): the cDPO / cSimPO form (plain DPO at eps=0)."""
-    if eps == 0.0:
-        return -F.logsigmoid(z)
-    return -F.logsigmoid(z) * (1.0 - eps) - F.logsigmoid(-z) * eps
-
-
-def _per_token(scores: Tensor, lengths: Tensor) -> Tensor:
-    return scores / lengths.clamp(min=1.0)
-
-
-# ----------------------------------------------------------------------------- loss functions
-def _sigmoid(p: _Pairs) -> Tensor:
-    return _smoothed_logistic(p.beta * p.delta, p.label_smoothing)
-
-
-def _hinge(p: _Pairs) -> Tensor:
-    return torch.relu(1.0 - p.beta * p.delta)
-
-
-def _ipo(p: _Pairs) -> Tensor:
-    # TRL normalises IPO's log-ratios by the completion length (agreed with the IPO authors).
-    delta = _per_token(p.chosen_scores, p.chosen_lengths) - _per_token(p.rejected_scores, p.rejected_lengths)
-    return (delta - 1.0 / (2.0 * p.beta)) ** 2
-
-
-def _exo_pair(p: _Pairs) -> Tensor:
-    # EXO-pref (arXiv 2402.00856, eq. 16): KL(softmax(beta * scores) || [1 - eps, eps]).
-    z = p.beta * p.delta
-    eps = p.label_smoothing
-    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-        F.logsigmoid(-z) - math.log(eps)
-    )
-
-
-def _nca_pair(p: _Pairs) -> Tensor:
-    c, r = p.beta * p.chosen_logratios, p.beta * p.rejected_logratios
-    return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
-
-
-def _robust(p: _Pairs) -> Tensor:
-    z, eps = p.beta * p.delta, p.label_smoothing
-    return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
-
-
-def _bco_pair(p: _Pairs) -> Tensor:
-    c = p.beta * p.chosen_logratios - p.bco_delta
-    r = p.beta * p.rejected_logratios - p.bco_delta
-    return -F.logsigmoid(c) - F.logsigmoid(-r)
-
-
-def _sppo_hard(p: _Pairs) -> Tensor:
-    return (p.chosen_logratios - 0.5 / p.beta) ** 2 + (p.rejected_logratios + 0.5 / p.beta) ** 2
-
-
-def _aot(p: _Pairs) -> Tensor:
-    # AOT (paired): sort policy and reference chosen-rejected margins over the batch independently.
-    policy = torch.sort(p.chosen_logps - p.rejected_logps, dim=0).values
-    ref = torch.sort(p.ref_chosen_logps - p.ref_rejected_logps, dim=0).values
-    return _smoothed_logistic(p.beta * (policy - ref), p.label_smoothing)
-
-
-def _aot_unpaired(p: _Pairs) -> Tensor:
-    chosen = torch.sort(p.chosen_logratios, dim=0).values
-    rejected = torch.sort(p.rejected_logratios, dim=0).values
-    return _smoothed_logistic(p.beta * (chosen - rejected), p.label_smoothing)
-
-
-def _apo_zero(p: _Pairs) -> Tensor:
-    # APO-zero (arXiv 2408.06266, eq. 7): raise chosen, lower rejected.
-    return 1.0 - torch.sigmoid(p.beta * p.chosen_logratios) + torch.sigmoid(p.beta * p.rejected_logratios)
-
-
-def _apo_down(p: _Pairs) -> Tensor:
-    # APO-down (eq. 8): lower chosen, lower rejected more.
-    return torch.sigmoid(p.beta * p.chosen_logratios) + 1.0 - torch.sigmoid(
-        p.beta * (p.chosen_logratios - p.rejected_logratios)
-    )
-
-
-def _discopop(p: _Pairs) -> Tensor:
-    # DiscoPOP (arXiv 2406.08414, eq. 5): logistic / exponential blend gated by sigmoid(z / tau).
-    z = p.beta * p.delta
-    gate = torch.sigmoid(z / p.discopop_tau)
-    return -F.logsigmoid(z) * (1.0 - gate) + torch.exp(-z) * gate
-
-
-def _sft(p: _Pairs) -> Tensor:
-    # TRL: mean NLL over all chosen completion tokens of the batch, broadcast to every pair.
-    batch = p.chosen_logps.shape[0]
-    if p.chosen_nll is not None:
-        return p.chosen_nll.expand(batch) if p.chosen_nll.dim() == 0 else p.chosen_nll
-    nll = -p.chosen_logps.sum() / p.chosen_lengths.sum().clamp(min=1.0)
-    return nll.expand(batch)
-
-
-def _sigmoid_norm(p: _Pairs) -> Tensor:
-    delta = _per_token(p.chosen_scores, p.chosen_lengths) - _per_token(p.rejected_scores, p.rejected_lengths)
-    return -F.logsigmoid(p.beta * delta)
-
-
-def _simpo(p: _Pairs) -> Tensor:
-    # SimPO (arXiv 2405.14734): beta * (mean logp_c - mean logp_r) - gamma; reference-free.
-    margin = _per_token(p.chosen_logps, p.chosen_lengths) - _per_token(p.rejected_logps, p.rejected_lengths)
-    return _smoothed_logistic(p.beta * (margin - p.simpo_gamma / p.beta), p.label_smoothing)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """One loss type: its function and what it needs from the caller."""
-
-    fn: Callable[[_Pairs], Tensor]
-    needs_lengths: bool = False  # completion lengths (chosen_lengths / rejected_lengths)
-    needs_reference: bool = True  # reference log-probs (unless reference_free)
-    f_divergence: bool = False  # valid with f_divergence_type != "reverse_kl" (TRL's rule)
-
-
-_LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(_sigmoid, f_divergence=True),
-    "hinge": LossSpec(_hinge, f_divergence=True),
-    "ipo": LossSpec(_ipo, needs_lengths=True, f_divergence=True),
-    "exo_pair": LossSpec(_exo_pair, f_divergence=True),
-    "nca_pair": LossSpec(_nca_pair),
-    "robust": LossSpec(_robust, f_divergence=True),
-    "bco_pair": LossSpec(_bco_pair),
-    "sppo_hard": LossSpec(_sppo_hard),
-    "aot": LossSpec(_aot),
-    "aot_unpaired": LossSpec(_aot_unpaired),
-    "apo_zero": LossSpec(_apo_zero),
-    "apo_down": LossSpec(_apo_down),
-    "discopop": LossSpec(_discopop, f_divergence=True),
-    "sft": LossSpec(_sft, needs_lengths=True, needs_reference=False, f_divergence=True),
-    "sigmoid_norm": LossSpec(_sigmoid_norm, needs_lengths=True, f_divergence=True),
-    "simpo": LossSpec(_simpo, needs_lengths=True, needs_reference=False),
-}
-
-LOSS_TYPES: tuple[str, ...] = tuple(_LOSSES)
-
-
-# ----------------------------------------------------------------------------- f-divergences
-def _f_divergence_scores(logratios: Tensor, kind: str, alpha: float) -> Tensor:
-    """TRL 1.x's f'(pi/pi_ref) for each f-divergence (f-DPO, arXiv 2309.16240)."""
-    if kind == "reverse_kl":
-        return logratios
-    if kind == "forward_kl":
-        return 1.0 - torch.exp(-logratios)
-    if kind == "js_divergence":
-        return math.log(2.0) + F.logsigmoid(logratios)
-    # alpha_divergence; alpha -> 1 is the reverse-KL limit
-    if abs(alpha - 1.0) < 1e-6:
-        return logratios
-    clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0  # keep exp() representable, as TRL does
-    t = torch.clamp((alpha - 1.0) * logratios, max=clamp_max)
-    return (torch.exp(t) - 1.0) / (alpha - 1.0)
-
-
-# ----------------------------------------------------------------------------- validation helpers
-def as_loss_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
-    """Validate ``loss_type`` (one name or a list of names) and return it as a tuple."""
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not types:
-        raise ValueError(f"loss_type must name at least one loss type; valid: {list(LOSS_TYPES)}")
-    for name in types:
-        if not isinstance(name, str) or name not in _LOSSES:
-            raise ValueError(f"loss_type: unknown loss type {name!r}; valid: {list(LOSS_TYPES)}")
-    return types
-
-
-def needs_reference(loss_type: str | Sequence[str], reference_free: bool = False) -> bool:
-    """Whether these loss types need reference log-probs (so a reference pass must run)."""
-    return not reference_free and any(_LOSSES[t].needs_reference for t in as_loss_types(loss_type))
-
-
-def _check_scalar(name: str, value: float, *, low: float | None = None, low_open: bool = True) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    return value
 
 
 def _check_vector(name: str, t: object, batch: int | None) -> Tensor:
@@ -338,37 +134,14 @@ def dpo_loss(
         beta * length-normalised logps, as TRL's CPO trainer and Liger log them. Computed in
         float32 at least (float64 inputs stay float64).
     """
-    types = as_loss_types(loss_type)
-    specs = [_LOSSES[t] for t in types]
-    if loss_weights is None:
-        weights = [1.0] * len(types)
-    else:
-        weights = list(loss_weights)
-        if len(weights) != len(types):
-            raise ValueError(
-                f"loss_weights has {len(weights)} entries but loss_type has {len(types)} ({list(types)})"
-            )
-        weights = [_check_scalar("loss_weights", w) for w in weights]
-
-    beta = _check_scalar("beta", beta, low=0.0)
-    label_smoothing = _check_scalar("label_smoothing", label_smoothing, low=0.0, low_open=False)
-    # [0, 0.5): robust divides by 1 - 2*eps; cDPO/aot at 0.5 have no gradient and beyond flip the labels.
-    if label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if "exo_pair" in types and label_smoothing == 0.0:
-        raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper suggests 1e-3)")
-    discopop_tau = _check_scalar("discopop_tau", discopop_tau, low=0.0)
-    simpo_gamma = _check_scalar("simpo_gamma", simpo_gamma)
-    f_alpha_divergence_coef = _check_scalar("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    if f_divergence_type not in F_DIVERGENCE_TYPES:
-        raise ValueError(f"f_divergence_type: unknown {f_divergence_type!r}; valid: {list(F_DIVERGENCE_TYPES)}")
-    if f_divergence_type != "reverse_kl":
-        bad = [t for t, s in zip(types, specs) if not s.f_divergence]
-        if bad:
-            valid = [t for t, s in _LOSSES.items() if s.f_divergence]
-            raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} is only defined for loss types {valid}; got {bad}"
-            )
+    options = LossOptions(
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        reference_free=reference_free, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+    )
+    types, beta, reference_free = options.loss_type, options.beta, options.reference_free
+    specs = [LOSSES[t] for t in types]
+    weights = options.loss_weights if options.loss_weights is not None else (1.0,) * len(types)
 
     chosen_logps = _check_vector("chosen_logps", chosen_logps, None)
     batch = chosen_logps.shape[0]
@@ -411,7 +184,7 @@ def dpo_loss(
             raise ValueError(f"bco_delta must be a scalar, got shape {tuple(bco_delta.shape)}")
         named["bco_delta"] = bco_delta.reshape(())
     else:
-        bco_delta = _check_scalar("bco_delta", bco_delta)
+        bco_delta = check_real("bco_delta", bco_delta)
     if check_finite:
         _check_values(named, lengths)
 
@@ -423,22 +196,23 @@ def dpo_loss(
     else:
         ref_chosen, ref_rejected = cast(ref_chosen_logps), cast(ref_rejected_logps)
     chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
-    pairs = _Pairs(
+    f_divergence = (options.f_divergence_type, options.f_alpha_divergence_coef)
+    pairs = Pairs(
         chosen_logps=chosen,
         rejected_logps=rejected,
         ref_chosen_logps=ref_chosen,
         ref_rejected_logps=ref_rejected,
         chosen_logratios=chosen_logratios,
         rejected_logratios=rejected_logratios,
-        chosen_scores=_f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
-        rejected_scores=_f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef),
+        chosen_scores=f_divergence_scores(chosen_logratios, *f_divergence),
+        rejected_scores=f_divergence_scores(rejected_logratios, *f_divergence),
         chosen_lengths=cast(lengths.get("chosen_lengths")),
         rejected_lengths=cast(lengths.get("rejected_lengths")),
         chosen_nll=cast(chosen_nll),
         beta=beta,
-        label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau,
-        simpo_gamma=simpo_gamma,
+        label_smoothing=options.label_smoothing,
+        discopop_tau=options.discopop_tau,
+        simpo_gamma=options.simpo_gamma,
         bco_delta=cast(bco_delta.reshape(())) if isinstance(bco_delta, Tensor) else bco_delta,
     )
 
@@ -451,8 +225,8 @@ def dpo_loss(
         losses = losses * cast(sample_weights)
 
     if types == ("simpo",):
-        chosen_rewards = beta * _per_token(chosen, pairs.chosen_lengths).detach()
-        rejected_rewards = beta * _per_token(rejected, pairs.rejected_lengths).detach()
+        chosen_rewards = beta * per_token(chosen, pairs.chosen_lengths).detach()
+        rejected_rewards = beta * per_token(rejected, pairs.rejected_lengths).detach()
     else:
         chosen_rewards = beta * chosen_logratios.detach()
         rejected_rewards = beta * rejected_logratios.detach()
@@ -497,12 +271,7 @@ def reduce_sequence_logps(
     _check_pair_rows("loss_mask", loss_mask, token_logps)
     if not token_logps.is_floating_point():
         raise TypeError(f"token_logps must be a floating-point tensor, got {token_logps.dtype}")
-    if ld_alpha is not None:
-        ld_alpha = _check_scalar("ld_alpha", ld_alpha, low=0.0, low_open=False)
-        if ld_alpha > 1.0:
-            raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
-        if average:
-            raise ValueError("ld_alpha and average=True cannot be combined (LD-DPO weights summed log-probs)")
+    ld_alpha = check_ld_alpha(ld_alpha, average)
 
     mask = loss_mask != 0
     dtype = torch.promote_types(token_logps.dtype, torch.float32)

@@ -89,6 +89,24 @@ def test_bad_arguments_exit_with_a_message(argv, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, needles", [
+    (["--loss-kwarg", "simpo_gama=0.7"], ["unknown loss option(s) ['simpo_gama']", "'simpo_gamma'"]),
+    (["--loss-kwarg", "beta=0.2"], ["'beta' has its own option", "--beta"]),
+    (["--loss-kwarg", "use_weighting=yes"], ["use_weighting must be True or False"]),
+    (["--loss-type", "exo_pair"], ["label_smoothing must be > 0 for loss_type 'exo_pair'"]),
+    (["--ld-alpha", "0.5", "--average-log-prob"], ["ld_alpha cannot be combined"]),
+    (["--f-divergence-type", "kl"], ["--f-divergence-type", "'reverse_kl'"]),
+    (["--loss-type", "sigmoid,nope"], ["--loss-type: unknown loss type 'nope'; valid: ['sigmoid'"]),
+])
+def test_bad_loss_options_fail_before_training(extra, needles, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "m", "--data", "d", "--output", "o", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err
+
+
 def test_train_end_to_end_on_jsonl_with_bad_rows(checkpoint_dir, tmp_path, capsys):
     rows = make_preference_dataset(40, seed=int(torch.randint(0, 1000, ())))
     data = write_jsonl(tmp_path / "pairs.jsonl", rows, bad_lines=[(3, json.dumps({"prompt": "x", "chosen": "a"})),

@@ -9,11 +9,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
+from dpo_fast.loss_options import LossOptions
+
 STAGES = ("dpo", "sft")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit", "adamw_8bit")
-TRUNCATION_MODES = ("keep_end", "keep_start")
-BAD_ROW_POLICIES = ("skip", "error")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 #: Default learning rates per stage: 5e-6 for DPO (Unsloth's recommendation), 2e-4 for SFT LoRA.
@@ -43,9 +44,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     gradient_checkpointing: bool = False
-    # offload the checkpointed layer inputs to pinned CPU memory (Unsloth's "smart" checkpointing);
-    # implies gradient_checkpointing and needs patch. 8B QLoRA DPO step on an H200: extra memory 1.9 GB
-    # instead of 3.6 GB at the same step time (benchmarks/RESULTS.md).
+    # gradient checkpointing that keeps each decoder layer's input in pinned CPU memory until the backward
+    # copies it back, the copies overlapping compute (dpo_fast.ops.offload_checkpoint, Unsloth's "smart"
+    # checkpointing); implies gradient_checkpointing and needs patch.
     offload_checkpointing: bool = False
     # run each pair as one row [prompt | chosen | rejected]: the prompt goes through the model once
     # (dpo_fast.prefix_sharing; same loss and gradients); needs patch and right-padded batches.
@@ -67,7 +68,9 @@ class TrainConfig:
     reference_free: bool = False
     ld_alpha: Optional[float] = None
     average_log_prob: bool = False
-    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # any further dpo_loss keyword
+    # the other LossOptions fields (f_divergence_type, f_alpha_divergence_coef, discopop_tau, simpo_gamma,
+    # use_weighting), checked with the rest when the config is made
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)
     precompute_ref: bool = False
 
     # --- optimisation -------------------------------------------------------------------------
@@ -113,14 +116,9 @@ class TrainConfig:
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
-        _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        _choice("on_bad_row", self.on_bad_row, ON_BAD_ROW)
         _choice("precision", self.precision, PRECISIONS)
-        if not self.loss_type:
-            raise ValueError("loss_type: give at least one loss type")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(
-                f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"
-            )
+        self.build_loss_options()
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -136,18 +134,12 @@ class TrainConfig:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise ValueError(f"beta: must be > 0, got {self.beta}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.epochs <= 0 and self.max_steps is None:
             raise ValueError(f"epochs: must be > 0 when max_steps is not set, got {self.epochs}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm}")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha: must be in [0, 1], got {self.ld_alpha}")
         if self.merge and self.load_in_4bit:
             raise ValueError("merge: merged weights can only be written for non-quantized bases")
         if self.adapter is not None and not self.use_lora:
@@ -166,23 +158,23 @@ class TrainConfig:
         """The effective learning rate (stage default when `lr` is None)."""
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.stage]
 
+    def build_loss_options(self) -> LossOptions:
+        """The checked loss options: the loss fields plus `loss_kwargs`; ValueError names a bad one."""
+        if not isinstance(self.loss_kwargs, dict):
+            raise ValueError(f"loss_kwargs: must be a dict of loss options, got {type(self.loss_kwargs).__name__}")
+        for key in self.loss_kwargs:
+            if key in LOSS_FIELDS:
+                raise ValueError(f"loss_kwargs: {key!r} has its own option; set TrainConfig.{key} "
+                                 f"(--{key.replace('_', '-')}) instead")
+        fields = {name: getattr(self, name) for name in LOSS_FIELDS}
+        try:
+            return LossOptions.from_kwargs(**fields, **self.loss_kwargs)
+        except TypeError as exc:  # a value of the wrong kind is a bad option of this configuration too
+            raise ValueError(str(exc)) from None
+
     def loss_options(self) -> Dict[str, Any]:
-        """Keyword arguments for dpo_fast.compute_dpo_loss, from the loss fields."""
-        loss_type: Union[str, List[str]] = self.loss_type[0] if len(self.loss_type) == 1 else list(self.loss_type)
-        opts: Dict[str, Any] = {
-            "beta": self.beta,
-            "loss_type": loss_type,
-            "average_log_prob": self.average_log_prob,
-            "ld_alpha": self.ld_alpha,
-        }
-        if self.label_smoothing:
-            opts["label_smoothing"] = self.label_smoothing
-        if self.reference_free:
-            opts["reference_free"] = True
-        if self.loss_weights is not None:
-            opts["loss_weights"] = list(self.loss_weights)
-        opts.update(self.loss_kwargs)
-        return opts
+        """Keyword arguments for dpo_fast.compute_dpo_loss: every loss option (`build_loss_options`)."""
+        return self.build_loss_options().as_kwargs()
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-friendly view (saved next to the checkpoints)."""
@@ -198,6 +190,10 @@ class TrainConfig:
             out[f.name] = value
         json.dumps(out, default=str)
         return out
+
+
+#: The LossOptions fields that are TrainConfig fields too; `loss_kwargs` holds the other ones.
+LOSS_FIELDS = tuple(name for name in LossOptions.names() if name in {f.name for f in dataclasses.fields(TrainConfig)})
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
