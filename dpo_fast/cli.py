@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from dpo_fast import __version__
 from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
 from dpo_fast.loss_types import F_DIVERGENCE_TYPES, as_loss_types
 from dpo_fast.train.config import DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
@@ -169,8 +170,6 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-fast", description="Fast, memory-lean DPO for (Q)LoRA Llama models.")
-    from dpo_fast import __version__
-
     parser.add_argument("--version", action="version", version=f"dpo_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,sft,demo,bench}")
     sub.required = True
