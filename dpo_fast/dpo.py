@@ -21,6 +21,27 @@ from .fused_dpo import head_outputs_needed, preference_loss
 from .losses import needs_reference, reduce_sequence_logps
 from .patching.reference import reference_model
 from .patching.support import check_supported
+from .state import is_wrapped_for_data_parallel
+
+_warned_unsynchronised = False
+
+
+def _warn_if_unsynchronised(model: nn.Module) -> None:
+    """Warn once when gradients would silently differ across processes: several processes, a gradient to
+    compute, and a model that no data-parallel wrapper synchronises."""
+    global _warned_unsynchronised
+    if _warned_unsynchronised or not torch.is_grad_enabled() or is_wrapped_for_data_parallel(model):
+        return
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return
+    if not any(p.requires_grad for p in model.parameters()):
+        return
+    _warned_unsynchronised = True
+    warnings.warn(f"compute_dpo_loss: {torch.distributed.get_world_size()} processes train, but the model is not "
+                  "wrapped for data parallelism, so each process keeps its own gradients. Pass the "
+                  "DistributedDataParallel (or FSDP) model itself, not its .module, or wrap it first "
+                  "(accelerate's prepare does).", stacklevel=3)
 
 
 def compute_dpo_loss(
@@ -61,6 +82,7 @@ def compute_dpo_loss(
         logps/rejected, logits/chosen, logits/rejected, entropy, mean_token_accuracy) to floats.
     """
     causal_lm, _ = check_supported(model)
+    _warn_if_unsynchronised(model)
     input_ids, attention_mask, completion_mask = preference_tensors(
         batch, vocab_size=causal_lm.get_input_embeddings().num_embeddings)
     labels = completion_labels(input_ids, completion_mask)

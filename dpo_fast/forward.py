@@ -209,13 +209,19 @@ def token_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """Per-token outputs [R, T-1] of the next-token `labels` (unshifted, -100 = not scored) under `model`.
 
     A patched model is called through its own forward with TRL's fused-head contract, so that whatever
-    wraps it sees an ordinary call; an unpatched supported model runs the same fused head on its backbone.
+    wraps it (DDP, FSDP, accelerate) sees an ordinary call; an unpatched supported model runs the same
+    fused head on its backbone (a wrapped one must be patched).
     """
     outputs = validate_outputs(outputs)
     if state.head_patched(model):
+        # through `model` itself, wrapper included: DDP prepares its gradient all-reduce, FSDP gathers
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
                     use_cache=False, **{REQUEST_KWARG: FusedRequest(outputs, prefix_sharing)})
         return {key: getattr(out, key) for key in (*outputs, "label_mask")}
+    if state.unwrap_parallel(model) is not model or state.is_wrapped_for_data_parallel(model):
+        raise ValueError(f"model: a model wrapped by {type(model).__name__} must be patched with dpo_fast.patch(model) "
+                         "(before or after wrapping) so that its forward runs through the wrapper, which "
+                         "synchronises gradients and gathers sharded parameters")
     return run_fused_head(state.record_holder(model), input_ids=input_ids, attention_mask=attention_mask,
                           labels=labels, outputs=outputs, prefix_sharing=prefix_sharing)
 

@@ -75,10 +75,47 @@ def is_patched_lora(module: torch.nn.Module) -> bool:
     return False
 
 
+def _wrapper_types() -> tuple:
+    """torch's module wrappers that hold the model as ``.module``: DDP, DataParallel, FSDP1."""
+    types: list = [torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel]
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        types.append(FullyShardedDataParallel)
+    return tuple(types)
+
+
+def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside data-parallel wrappers (DDP, DataParallel, FSDP1: ``.module``) and torch.compile
+    (``._orig_mod``). FSDP2's `fully_shard` changes a module in place: it is returned as it is."""
+    wrappers = _wrapper_types()
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif "_orig_mod" in model._modules:
+            model = model._modules["_orig_mod"]
+        else:
+            return model
+
+
+def is_wrapped_for_data_parallel(model: torch.nn.Module) -> bool:
+    """True when gradients computed through `model` are synchronised across processes: a DDP or FSDP1 wrapper
+    (possibly under torch.compile), or a module sharded by FSDP2's `fully_shard`."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            return True
+    inner = model._modules.get("_orig_mod", model)
+    return isinstance(inner, _wrapper_types()) and not isinstance(inner, torch.nn.DataParallel)
+
+
 def record_holder(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that holds the per-model records: the causal LM, inside a peft wrapper if there is one."""
+    """The module that holds the per-model records: the causal LM, inside any data-parallel wrapper and
+    peft wrapper."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_parallel(model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

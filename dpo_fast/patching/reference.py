@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..state import is_patched_lora, lora_bypassed
+from ..state import is_patched_lora, lora_bypassed, unwrap_parallel
 from .support import is_peft_model
 
 #: peft's adapter layers and wrappers: what "adapters disabled" must switch off
@@ -97,6 +97,7 @@ def describe_reference(model: nn.Module, ref_model: Optional[nn.Module] = None,
     """Which reference `reference_model` would use, in words: 'ref_model', 'adapter:<name>' or 'adapters_disabled'."""
     if ref_model is not None:
         return "ref_model"
+    model = unwrap_parallel(model)
     if not is_peft_model(model):
         raise ValueError(
             "ref_model: the policy is not a peft model, so there is no adapter to disable and no 'ref' adapter; "
@@ -114,11 +115,13 @@ def reference_model(model: nn.Module, *, ref_model: Optional[nn.Module] = None,
     """Yield the module to run for the reference pass, set up as the reference (see the module docstring).
 
     Inside the block gradients, dropout and gradient checkpointing are off;
-    all of it is restored on exit.
+    all of it is restored on exit. A model inside a data-parallel wrapper is yielded with its wrapper, so
+    the reference pass runs through it too (FSDP gathers the parameters it needs).
     """
     kind = describe_reference(model, ref_model, ref_adapter_name)
     target = ref_model if ref_model is not None else model
     found = _scan(target)
+    model = unwrap_parallel(model)  # the peft model, for its adapter switches
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(_reference_setup(found))

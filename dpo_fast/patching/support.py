@@ -15,6 +15,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from ..state import unwrap_parallel
+
 SUPPORTED_MODEL_TYPES: Tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_CLASSES: Tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -52,9 +54,11 @@ def is_peft_model(model: Any) -> bool:
 
 
 def unwrap_causal_lm(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """Return (causal_lm, peft_model_or_None) for a bare causal LM or a PeftModel around one."""
+    """Return (causal_lm, peft_model_or_None) for a bare causal LM or a PeftModel around one, inside any
+    data-parallel wrapper (DDP, FSDP1, torch.compile; see `dpo_fast.state.unwrap_parallel`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}. {SUPPORTED_SUMMARY}")
+    model = unwrap_parallel(model)
     if is_peft_model(model):
         return model.get_base_model(), model
     return model, None
