@@ -231,6 +231,11 @@ def test_bad_input():
         compute_dpo_loss(model, good)  # bare policy, no reference given
     with pytest.raises(TypeError, match="batch"):
         compute_dpo_loss(model, [1, 2])
+    for bad in (V, -3):  # token ids outside the vocabulary: named, with the value and the vocabulary size
+        ids = good["input_ids"].clone()
+        ids[1, 4] = bad
+        with pytest.raises(ValueError, match=rf"input_ids'\] holds token id {bad}, outside .*\[0, {V}\)"):
+            compute_dpo_loss(model, {**good, "input_ids": ids}, ref_model=tiny())
     from dpo_fast.patching.support import UnsupportedModelError
     from transformers import GPT2Config, GPT2LMHeadModel
 
