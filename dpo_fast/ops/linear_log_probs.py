@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -303,6 +304,13 @@ def _checked_softcap(softcap) -> Optional[float]:
     return float(softcap) if softcap > 0 else None
 
 
+def _finite_checks_requested(check_finite: Optional[bool]) -> bool:
+    """The explicit keyword, else DPO_FAST_CHECK_FINITE (set and not "0")."""
+    if check_finite is not None:
+        return bool(check_finite)
+    return os.environ.get("DPO_FAST_CHECK_FINITE", "") not in ("", "0")
+
+
 def compacted_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -312,6 +320,7 @@ def compacted_log_probs(
     ignore_index: int = -100,
     stats: bool = False,
     softcap: Optional[float] = None,
+    check_finite: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
     """Log-probs of the valid tokens only: (logp [n] fp32, flat index [n] into labels, stats or None).
 
@@ -319,6 +328,12 @@ def compacted_log_probs(
     positions in ``labels.reshape(-1)``, so callers can reduce per sequence with a segmented sum
     (``index // T``) without a dense [rows, T] detour. ``stats`` and ``softcap`` as in
     `linear_log_probs_with_stats`, over the valid tokens.
+
+    NaN/Inf in hidden, weight or bias propagate as through materialized logits -> log_softmax ->
+    gather (NaN in a hidden row makes that token's log-prob NaN, NaN in weight or bias every
+    token's), with no host sync spent looking for them; positions whose label is ignore_index never
+    enter, so nothing there matters. ``check_finite=True`` (default: the ``DPO_FAST_CHECK_FINITE=1``
+    environment variable) raises a ValueError instead, at the cost of two extra host syncs.
     """
     _check_inputs(hidden, weight, labels, bias)
     softcap = _checked_softcap(softcap)
@@ -326,17 +341,21 @@ def compacted_log_probs(
     vocab = weight.shape[0]
     flat_h = hidden.reshape(-1, d)
     flat_l = labels.reshape(-1).long()
+    n_flat = flat_l.shape[0]
     valid = flat_l != ignore_index
     out_of_range = valid & ((flat_l < 0) | (flat_l >= vocab))
-    idx = torch.nonzero(valid).squeeze(1)
-    h = flat_h.index_select(0, idx)
-    flags = torch.stack([out_of_range.any(), ~torch.isfinite(h).all()]).tolist()
-    if flags[0]:
+    # One host sync (the nonzero the compaction needs) also answers the label-range check: with
+    # a bad label the mask is n_flat + 1 ones after n_flat zeros, so the count exceeds n_flat.
+    any_bad = out_of_range.any()
+    idx = torch.nonzero(torch.cat([valid & ~any_bad, any_bad.expand(n_flat + 1)])).squeeze(1)
+    if idx.shape[0] > n_flat:
         bad = flat_l[out_of_range][0].item()
         raise ValueError(
             f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
         )
-    if flags[1]:
+    check = _finite_checks_requested(check_finite)
+    h = flat_h.index_select(0, idx)
+    if check and not bool(torch.isfinite(h).all()):
         raise ValueError("hidden contains NaN or Inf at a position whose label is not ignore_index")
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
@@ -349,7 +368,7 @@ def compacted_log_probs(
     backend = select_backend(h)
     outs = _LinearLogProbs.apply(h.contiguous(), weight, bias, lab, grad_mode, stats, backend, softcap)
     logp_valid = outs[0]
-    if not torch.isfinite(logp_valid).all():
+    if check and not bool(torch.isfinite(logp_valid).all()):
         raise ValueError("weight (or bias) produced non-finite logits: check it for NaN/Inf")
     extras = dict(zip(STAT_NAMES, outs[1:])) if stats else None
     return logp_valid, idx, extras
@@ -373,6 +392,7 @@ def linear_log_probs_with_stats(
     ignore_index: int = -100,
     stats: bool = False,
     softcap: Optional[float] = None,
+    check_finite: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
     """`linear_log_probs` plus, when ``stats``, per-token statistics from the same vocabulary sweep.
 
@@ -382,7 +402,8 @@ def linear_log_probs_with_stats(
     With ``softcap`` each is taken over the capped logits (the argmax is the same).
     """
     logp_valid, idx, extras = compacted_log_probs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, stats=stats, softcap=softcap
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, stats=stats, softcap=softcap,
+        check_finite=check_finite,
     )
     shape = labels.shape
     dense = scatter_valid(logp_valid, idx, shape)
@@ -397,6 +418,7 @@ def linear_log_probs(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     softcap: Optional[float] = None,
+    check_finite: Optional[bool] = None,
 ) -> torch.Tensor:
     """Per-token log-probabilities of ``labels`` under ``softmax(hidden @ weight.T + bias)``.
 
@@ -405,8 +427,10 @@ def linear_log_probs(
     labels == ignore_index. Differentiable in hidden (and weight / bias when they require
     grad). Never allocates a [tokens, V] tensor: logits exist one bounded tile at a time.
     hidden is cast to weight's dtype for the GEMMs. ``softcap=c`` (c > 0; None or 0: off) caps
-    the logits to ``c * tanh(z / c)`` first, as Gemma 2's ``final_logit_softcapping``.
+    the logits to ``c * tanh(z / c)`` first, as Gemma 2's ``final_logit_softcapping``. NaN/Inf
+    inputs give NaN log-probs where materialized logits would (``check_finite=True`` raises
+    instead; see `compacted_log_probs`).
     """
     return linear_log_probs_with_stats(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap, check_finite=check_finite
     )[0]
