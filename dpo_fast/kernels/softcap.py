@@ -26,8 +26,9 @@ def softcap_and_slope(z, cap):
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     r = 1.0 / (1.0 + e)
-    x2 = x * x
-    series = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
+    xs = tl.minimum(ax, 0.25)  # the series is only taken below 1/4; clamped, it cannot overflow
+    x2 = xs * xs
+    series = xs * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
                                                           + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203))))
     t = tl.where(ax < 0.25, series, (1.0 - e) * r)
     t = tl.where(x < 0.0, -t, t)
