@@ -3,12 +3,15 @@
 The op runs on the `device` fixture for the triton backend (compiled on a GPU, the interpreter on CPU)
 and on the CPU for the torch backend; the float64 references are always computed on the CPU.
 """
+import warnings
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_fast import linear_log_probs
 from dpo_fast.ops.backend import use_backend
-from dpo_fast.ops.linear_log_probs import chunking, linear_log_probs_with_stats
+from dpo_fast.ops.linear_log_probs import chunking, compacted_log_probs, linear_log_probs_with_stats
 
 BACKENDS = ["torch", "triton"]
 
@@ -209,7 +212,7 @@ def test_confident_tokens_keep_gradient_accuracy(backend):
         (dict(weight=torch.zeros(10, 8, dtype=torch.float64)), TypeError, "weight must be"),
         (dict(weight=torch.zeros(10, 8, device="meta")), ValueError, "weight is on meta"),
         (dict(bias=torch.zeros(11)), ValueError, "bias must have shape"),
-        (dict(hidden=torch.full((4, 5, 8), float("nan"))), ValueError, "NaN"),
+        (dict(labels=torch.tensor([[1, 2, 3, 4, 5]] * 3 + [[1, 2, 3, 4, 12]])), ValueError, "found 12"),
     ],
 )
 def test_bad_input_is_named(kwargs, exc, words):
@@ -221,11 +224,143 @@ def test_bad_input_is_named(kwargs, exc, words):
     assert words in str(info.value)
 
 
-def test_nan_weight_is_reported():
+def _nan_pattern_matches(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    return torch.equal(torch.isnan(ours.detach().cpu()), torch.isnan(ref.detach().cpu()))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_non_finite_hidden_propagates_like_materialized_logits(backend, trainable, device):
+    """NaN / Inf in hidden at scored positions: NaN log-probs for those tokens, as materialized
+    logits -> log_softmax -> gather gives (no error, no host sync to look for them); every other
+    token keeps its value and its gradient."""
+    dev = _dev(backend, device)
+    hidden, weight, _, labels = _make((2, 13), 24, 300, torch.float32, trainable, False, ignore_frac=0.0, device=dev)
+    labels[0, 7] = -100
+    with torch.no_grad():
+        hidden[0, 3, 5] = float("nan")  # scored
+        hidden[0, 4, 1] = float("inf")  # scored: +inf and -inf logits, NaN after the shift
+        hidden[0, 7, 2] = float("nan")  # ignored
+    g = torch.randn(labels.shape)
+    with use_backend(backend), chunking(8, 128):
+        out = linear_log_probs(hidden, weight, labels)
+        (out * g.to(dev)).sum().backward()
+    ref, (h64, w64, _), _, mask = _reference(hidden, weight, None, labels)
+    (ref * g).sum().backward()
+    bad = torch.zeros_like(mask)
+    bad[0, 3] = bad[0, 4] = True
+    assert torch.isnan(ref[bad]).all() and _nan_pattern_matches(out, ref)
+    assert out[0, 7] == 0 and _rel(out.cpu()[~bad], ref[~bad]) < 1e-5
+    grad_h = hidden.grad.cpu()
+    assert torch.isnan(grad_h[bad]).all() and torch.isfinite(grad_h[~bad]).all()
+    assert (grad_h[0, 7] == 0).all()  # materialized autograd would put NaN * 0 = NaN here
+    clean = ~bad & mask
+    assert _rel(grad_h[clean], h64.grad[clean]) < 1e-5
+    if trainable:
+        assert torch.isnan(weight.grad).all() and torch.isnan(w64.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_non_finite_hidden_at_ignored_positions_changes_nothing(backend, trainable, device):
+    """Positions whose label is ignore_index never enter: NaN / Inf there leave everything bitwise equal."""
+    dev = _dev(backend, device)
+    hidden, weight, bias, labels = _make((3, 11), 20, 150, torch.float32, trainable, True, device=dev)
+    ignored = (labels == -100).cpu()
+    assert ignored.any() and (~ignored).any()
+    dirty = hidden.detach().clone()
+    dirty[ignored.to(dev)] = float("nan")
+    dirty[1, 0, 0] = float("inf")  # row 1 is all ignored
+    g = torch.randn(labels.shape).to(dev)
+    results = []
+    for h0 in (hidden.detach(), dirty):
+        h = h0.clone().requires_grad_()
+        if trainable:
+            weight.grad = bias.grad = None
+        with use_backend(backend), chunking(8, 64):
+            out = linear_log_probs(h, weight, labels, bias=bias)
+            (out * g).sum().backward()
+        results.append([out, h.grad] + ([weight.grad, bias.grad] if trainable else []))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.isfinite(results[1][1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_weight_propagates_to_every_token(backend, device):
+    dev = _dev(backend, device)
     weight = torch.randn(10, 8)
     weight[3, 2] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        linear_log_probs(torch.randn(2, 8), weight, torch.tensor([1, 2]))
+    labels = torch.tensor([1, 2, -100, 9])
+    hidden = torch.randn(4, 8)
+    with use_backend(backend):
+        out = linear_log_probs(hidden.to(dev), weight.to(dev), labels.to(dev))
+    ref = _reference(hidden, weight, None, labels)[0]
+    assert _nan_pattern_matches(out, ref) and torch.isnan(out[[0, 1, 3]]).all() and out[2] == 0
+
+
+def test_check_finite_opt_in_raises(monkeypatch):
+    """check_finite=True (or DPO_FAST_CHECK_FINITE=1) gives the clear errors instead of NaN."""
+    hidden, weight, labels = torch.randn(2, 5, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 5))
+    hidden_nan = hidden.clone()
+    hidden_nan[1, 2, 3] = float("nan")
+    weight_nan = weight.clone()
+    weight_nan[4, 0] = float("inf")
+    with pytest.raises(ValueError, match="hidden contains NaN or Inf at a position whose label is not ignore_index"):
+        linear_log_probs(hidden_nan, weight, labels, check_finite=True)
+    with pytest.raises(ValueError, match="weight \\(or bias\\) produced non-finite logits"):
+        linear_log_probs(hidden, weight_nan, labels, check_finite=True)
+    labels_ign = labels.clone()
+    labels_ign[1, 2] = -100
+    assert torch.isfinite(linear_log_probs(hidden_nan, weight, labels_ign, check_finite=True)).all()
+    monkeypatch.setenv("DPO_FAST_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="hidden contains NaN"):
+        linear_log_probs(hidden_nan, weight, labels)
+    assert torch.isnan(linear_log_probs(hidden_nan, weight, labels, check_finite=False)[1, 2])
+    monkeypatch.setenv("DPO_FAST_CHECK_FINITE", "0")
+    assert torch.isnan(linear_log_probs(hidden_nan, weight, labels)[1, 2])
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device (data-dependent sizes, scalar reads)."""
+
+    SYNCING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "frozen-head"])
+def test_one_host_sync_per_call(grad):
+    """The compaction's nonzero is the only host sync of the forward (the label-range check rides on
+    it; nothing looks for NaN)."""
+    hidden, weight, _, labels = _make((3, 17), 16, 200, torch.float32, False, False)
+    with use_backend("torch"), torch.set_grad_enabled(grad), _SyncCounter() as counter:
+        compacted_log_probs(hidden, weight, labels, stats=True)
+    assert counter.seen == ["aten::nonzero"], counter.seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode")
+def test_one_host_sync_per_call_cuda():
+    hidden, weight, _, labels = _make((3, 17), 16, 200, torch.float32, False, False, device="cuda")
+    compacted_log_probs(hidden, weight, labels)  # warm-up: kernel compilation, GEMM probes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compacted_log_probs(hidden, weight, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

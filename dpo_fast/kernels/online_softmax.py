@@ -12,6 +12,13 @@ falls in this chunk, and optionally:
   ``1 - exp(logp)`` on confident tokens;
 * accumulates per-token statistics for metrics in the same pass: ``sum exp(z-m) * z`` (entropy),
   ``sum z`` (mean logit), the running argmax, and ``sum exp(2(z-m))`` (log sum p^2 for WPO).
+
+With ``SOFTCAP`` the softmax is over the capped logits ``zc = c * tanh(z / c)``: the running max
+``m`` (and the argmax) stay on the raw logits z, which order the same way, and the exponentials
+are shifted by ``cap(m)``; the label logit is stored raw (the caller caps it and takes its
+slope); the statistics use zc; and P is ``exp(zc - cap(m_new)) * dzc/dz`` (label column zeroed),
+the chain rule through tanh that the frozen-head backward needs, while ``s_excl`` stays the plain
+sum of the non-label exponentials. Without it the kernel compiles exactly as before.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dpo_fast.kernels.softcap import softcap_and_slope
+
 
 @triton.jit
 def _online_softmax_tile_kernel(
@@ -29,9 +38,10 @@ def _online_softmax_tile_kernel(
     m_ptr, s_ptr, label_logit_ptr,
     p_ptr, p_stride, alpha_ptr, sx_ptr,
     sez_ptr, sz_ptr, amax_ptr, se2_ptr,
-    v0, n_cols,
+    v0, n_cols, cap,
     WRITE_P: tl.constexpr,
     STATS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -54,7 +64,13 @@ def _online_softmax_tile_kernel(
 
     m_old = tl.load(m_ptr + row)
     m_new = tl.maximum(m_old, t_max)
-    alpha = tl.exp(m_old - m_new)
+    if SOFTCAP:
+        shift_old, _ = softcap_and_slope(m_old, cap)
+        shift, _ = softcap_and_slope(m_new, cap)
+        alpha = tl.exp(shift_old - shift)
+    else:
+        shift = m_new
+        alpha = tl.exp(m_old - m_new)
 
     # Pass 2: exponentials, sums, optional P and statistics.
     acc_s = tl.zeros((BLOCK_V,), tl.float32)
@@ -66,11 +82,17 @@ def _online_softmax_tile_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < n_cols
         z = tl.load(z_row + cols, mask=valid, other=float("-inf"))
-        e = tl.exp(z - m_new)
+        if SOFTCAP:
+            z, slope = softcap_and_slope(z, cap)
+            e = tl.where(valid, tl.exp(z - shift), 0.0)  # cap(-inf) = -c: mask explicitly
+        else:
+            e = tl.exp(z - m_new)
         acc_s += e
         if WRITE_P:
             p = tl.where(cols == local_label, 0.0, e)
             acc_sx += p
+            if SOFTCAP:
+                p = p * slope
             tl.store(p_ptr + row * p_stride + cols, p.to(p_ptr.dtype.element_ty), mask=valid)
         if STATS:
             z0 = tl.where(valid, z, 0.0)
@@ -110,6 +132,7 @@ def online_softmax_tile(
     alpha_out: Optional[torch.Tensor] = None,
     stats: Optional[dict] = None,
     s_excl: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> None:
     """Update the running (m, s, label_logit[, s_excl][, stats]) with tile ``z`` in place.
 
@@ -117,6 +140,7 @@ def online_softmax_tile(
     p_out ([n, c], any float dtype) and alpha_out ([n] fp32) are written when given; then s_excl
     ([n] fp32, the running sum of exp(z - m) over the non-label columns) is updated too.
     stats, when given, holds fp32 'sum_ez', 'sum_z', 'sum_e2' and int64 'argmax' tensors of [n].
+    softcap (a positive float, or None): softmax over c * tanh(z / c), as in the module docstring.
     """
     n, c = z.shape
     if n == 0:
@@ -135,7 +159,7 @@ def online_softmax_tile(
         s_excl if write_p else dummy,
         stats["sum_ez"] if stats else dummy, stats["sum_z"] if stats else dummy,
         stats["argmax"] if stats else labels, stats["sum_e2"] if stats else dummy,
-        v0, c,
-        WRITE_P=write_p, STATS=stats is not None, BLOCK_V=block_v,
+        v0, c, float(softcap) if softcap else 1.0,
+        WRITE_P=write_p, STATS=stats is not None, SOFTCAP=bool(softcap), BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )
