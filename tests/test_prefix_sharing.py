@@ -158,13 +158,16 @@ def _config(family, **kw):
     raise ValueError(family)
 
 
-def _lora_model(family="llama", dtype=torch.float32, attn="sdpa", **kw):
+def _lora_model(family="llama", dtype=torch.float32, attn="sdpa", task_type=None, **kw):
     from peft import LoraConfig, get_peft_model
 
     config = _config(family, **kw)
     config._attn_implementation = attn
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    # task_type="CAUSAL_LM" (what TRL users write) gives a PeftModelForCausalLM, whose forward passes
+    # inputs_embeds, output_attentions, ... as None; without it, a plain PeftModel
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False,
+                      task_type=task_type)
     return get_peft_model(model, lora).train()
 
 
@@ -197,11 +200,12 @@ class _RowCounter:
         self.handle = emb.register_forward_hook(lambda m, a, o: self.shapes.append(tuple(a[0].shape)))
 
 
-@pytest.mark.parametrize("family,checkpointing", [
-    ("llama", None), ("llama", "transformers"), ("llama", "offload"), ("qwen3", None), ("mistral", "transformers"),
+@pytest.mark.parametrize("family,checkpointing,task_type", [
+    ("llama", None, None), ("llama", None, "CAUSAL_LM"), ("llama", "transformers", None), ("llama", "offload", None),
+    ("qwen3", None, "CAUSAL_LM"), ("mistral", "transformers", None),
 ])
-def test_compute_dpo_loss_shared_equals_unshared(family, checkpointing):
-    model = _lora_model(family)
+def test_compute_dpo_loss_shared_equals_unshared(family, checkpointing, task_type):
+    model = _lora_model(family, task_type=task_type)
     if checkpointing == "transformers":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     b, length = 3, 23
