@@ -9,8 +9,8 @@ Meant for the few minutes a session gets on a GPU machine (see scripts/gpu_sessi
    and whole patched models against their unpatched selves. Each test outcome is one check;
 3. times forward + backward of the frozen bf16 head at the Llama-3-8B shape (d=4096, V=128256, N=8192)
    for dpo_fast, TRL's chunked log-prob head (benchmarks/methods_head.py) and the naive materialized-
-   logits head, with their peak extra memory (benchmarks/common.py). The head's speed target is
-   >= 1.3x TRL's speed at no more than its peak memory (docs/design.md, "The fused head").
+   logits head, with their peak extra memory (docs/design.md, "How things are measured"). The head's
+   speed target is >= 1.3x TRL's speed at no more than its peak memory.
 
 ``<out>/gpu_check.json`` is rewritten as results come in, so a run cut short still leaves what it did.
 The exit code is 1 when a test fails or errors or nothing is selected; a missed speed target is
