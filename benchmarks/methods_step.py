@@ -335,7 +335,7 @@ def _dpo_fast_patch(body: Optional[BodyOptions]):
             empty = [k for k, on in wanted.items() if on and not report.counts.get(k)]
             if empty:
                 raise RuntimeError(f"dpo_fast.patch changed no module for {empty} (counts {report.counts})")
-            yield {"body": body.as_dict(), "patched_modules": dict(report.counts)}
+            yield {"body": report.body.as_dict(), "patched_modules": dict(report.counts)}
         finally:
             unpatch(model)
 

@@ -260,6 +260,9 @@ def test_step_level_runs_every_body_group_in_4bit(tmp_path):
         assert cells[name]["status"] == "ok", (name, cells[name]["note"])
         _assert_ok_cell(cells[name])
         assert cells[name]["params"]["quantized_4bit"] is True
+        spec = ms.METHODS[name]
+        if spec.loss == "dpo_fast":  # the cell records what patch_report says was applied: the table's row
+            assert cells[name]["params"]["body"] == (spec.body.as_dict() if spec.body else False), name
     for name, switch in ms.BODY_GROUPS:
         counts = cells[name]["params"]["patched_modules"]
         # the recompute tail skip (one per decoder layer) and the nf4 dequantize (one per 4-bit base) come with
