@@ -101,6 +101,7 @@ def _assert_close(got, want, tol):
     assert worst < tol, worst
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend,checkpointing", [
     ("torch", None), ("torch", "transformers"), ("torch", "offload"), ("triton", None), ("triton", "offload"),
 ])

@@ -31,9 +31,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def preference_batch(prompts, chosen, rejected, length):
+def preference_batch(prompts, chosen, rejected, length, device="cpu"):
     """Right-padded TRL layout of random tokens; pair i has prompts[i] shared tokens, then its own completions."""
-    return make_pair_batch(VOCAB, prompts, chosen, rejected, length, "cpu")
+    return make_pair_batch(VOCAB, prompts, chosen, rejected, length, device)
 
 
 def random_layout(b, length):
@@ -236,13 +236,15 @@ def test_prefix_sharing_with_the_kernels_and_eager_attention():
     _assert_same(got, want, 1e-5)
 
 
-def test_prefix_sharing_bf16_no_worse_than_unshared_bf16():
-    """bf16: the shared path's error against the fp32 model is that of the unshared bf16 path (TRL's layout)."""
+@pytest.mark.kernels
+def test_prefix_sharing_bf16_no_worse_than_unshared_bf16(device):
+    """bf16 (flash attention on a GPU): the shared path's error against the fp32 model is that of the unshared
+    bf16 path (TRL's layout)."""
     import copy
 
-    fp32 = _lora_model("llama")
+    fp32 = _lora_model("llama").to(device)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    batch = preference_batch([8, 5], [9, 14], [12, 6], 24)
+    batch = preference_batch([8, 5], [9, 14], [12, 6], 24, device)
     want = _run(fp32, batch)
     unshared = _run(bf16, batch)
     dpo_fast.patch(bf16, prefix_sharing=True)
@@ -255,7 +257,8 @@ def test_prefix_sharing_bf16_no_worse_than_unshared_bf16():
     assert grad_error(shared) <= 1.5 * grad_error(unshared) + 1e-2, (grad_error(shared), grad_error(unshared))
 
 
-def test_qlora_4bit_shared_equals_unshared():
+@pytest.mark.kernels
+def test_qlora_4bit_shared_equals_unshared(device):
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -263,10 +266,11 @@ def test_qlora_4bit_shared_equals_unshared():
     with tempfile.TemporaryDirectory() as d:
         LlamaForCausalLM(_config("llama")).save_pretrained(d)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        base = LlamaForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.float32)
+        base = LlamaForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.float32,
+                                                device_map={"": device})
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(base, lora).train()
-    batch = preference_batch([4, 7], [9, 3], [5, 8], 17)
+    batch = preference_batch([4, 7], [9, 3], [5, 8], 17, device)
     want = _run(model, batch)
     dpo_fast.patch(model, prefix_sharing=True)
     _assert_same(_run(model, batch), want, 1e-5)
