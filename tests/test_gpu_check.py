@@ -22,6 +22,7 @@ KERNEL_TESTS = {
     "rms_norm": ("test_body_kernels.py::test_rms_norm_matches_llama_rms_norm",),
     "rope": ("test_body_kernels.py::test_rope_matches_apply_rotary_pos_emb",),
     "swiglu": ("test_body_kernels.py::test_swiglu_matches_silu_times_up",),
+    "softcap": ("test_softcap_head.py::test_softcap_fp32_matches_float64",),
     "dequant_4bit": ("test_dequant_4bit.py::test_dequantize_4bit_is_bitwise_bitsandbytes",
                      "test_dequant_4bit.py::test_dequantize_4bit_is_bitwise_bitsandbytes_cuda_at_8b_shapes"),
 }
@@ -72,7 +73,8 @@ def test_selection_covers_every_kernel_module_and_the_gpu_sized_cases(tmp_path):
         assert any(name in t and "gpu-" in t for t in tests), name
     files = {t.split("::")[0] for t in tests}
     assert files == {"tests/test_linear_log_probs.py", "tests/test_fused_dpo.py", "tests/test_body_kernels.py",
-                     "tests/test_dequant_4bit.py", "tests/test_body_patch.py", "tests/test_prefix_sharing.py"}
+                     "tests/test_dequant_4bit.py", "tests/test_body_patch.py", "tests/test_prefix_sharing.py",
+                     "tests/test_softcap_head.py"}
 
 
 FAKE_TESTS = '''
