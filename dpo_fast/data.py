@@ -33,6 +33,7 @@ ON_BAD_ROW = ("skip", "error")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 ROLES = ("system", "user", "assistant", "tool")
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class BadRowError(ValueError):
@@ -145,20 +146,69 @@ class _RawRow:
     error: Optional[tuple[str, str]] = None  # (reason, message) when the row could not even be parsed
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes of the line without its line break), as text mode would number them.
+
+    Bytes, not text: one undecodable byte must cost its own line only. Lines end at ``\\n``,
+    ``\\r\\n`` or ``\\r``; a UTF-8 byte-order mark at the start of the file is dropped.
+    """
+    lineno = 0
+    with path.open("rb") as f:
+        for chunk in f:
+            if lineno == 0 and chunk.startswith(_UTF8_BOM):
+                chunk = chunk[len(_UTF8_BOM):]
+            for line in chunk.splitlines():
+                lineno += 1
+                yield lineno, line
+
+
+def _decode_line(line: bytes) -> tuple[Optional[str], str]:
+    """(text, "") or (None, what is wrong) for one line of a UTF-8 file."""
+    try:
+        return line.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return None, (f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line); "
+                      "re-save the file as UTF-8")
+
+
 def _iter_jsonl(path: Path, report: LoadReport) -> Iterator[_RawRow]:
     index = 0
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                report.blank_lines += 1
-                continue
+    for lineno, raw_line in _jsonl_lines(path):
+        line, problem = _decode_line(raw_line)
+        if line is not None and not line.strip():
+            report.blank_lines += 1
+            continue
+        location = f"line {lineno}"
+        if line is None:
+            raw = _RawRow(index, location, error=("invalid_utf8", problem))
+        else:
             try:
-                value = json.loads(line)
-                raw = _RawRow(index, f"line {lineno}", value)
+                raw = _RawRow(index, location, json.loads(line))
             except json.JSONDecodeError as e:
-                raw = _RawRow(index, f"line {lineno}", error=("invalid_json", f"invalid JSON ({e.msg})"))
-            index += 1
-            yield raw
+                raw = _RawRow(index, location, error=("invalid_json", f"invalid JSON ({e.msg})"))
+        index += 1
+        yield raw
+
+
+def _read_json_text(path: Path) -> Optional[str]:
+    """A .json file's text (a leading BOM dropped), or None when a byte is not UTF-8 (read it per line then).
+
+    A file that is one JSON document (not JSON lines) with an undecodable byte raises a ValueError
+    naming the line: its rows cannot be told apart, so the bad one cannot be skipped alone.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].count(b"\n") + 1
+        try:
+            json.loads(data.decode("utf-8-sig", errors="replace"))
+        except json.JSONDecodeError:
+            return None  # JSON lines in a .json file: each line is decoded (and reported) on its own
+        raise ValueError(
+            f"source: {path}, line {lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x}); the file is one JSON "
+            "document, so the row cannot be skipped alone: re-save the file as UTF-8"
+        ) from None
 
 
 def _iter_values(values: Iterable[Any]) -> Iterator[_RawRow]:
@@ -195,7 +245,9 @@ def _open_source(source: Any, report: LoadReport) -> Iterator[_RawRow]:
         if suffix in (".jsonl", ".ndjson"):
             return _iter_jsonl(path, report)
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            text = _read_json_text(path)
+            if text is None:
+                return _iter_jsonl(path, report)
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
@@ -343,7 +395,8 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list
     """Read preference rows from a file, a saved dataset dir, a Dataset or a list of dicts.
 
     Returns rows normalized to an explicit ``prompt`` (implicit prompts extracted) with
-    ``chosen``/``rejected``, plus ``row`` (the 0-based index of the source row) and, when the
+    ``chosen``/``rejected``, plus ``row`` (the 0-based index of the source row), ``location``
+    (where it is: ``"line 7"`` of a JSONL file, else ``"row 6"``) and, when the
     source has finite numbers for both, ``ref_chosen_logps``/``ref_rejected_logps``.
     Malformed rows are skipped and listed in the report (``on_bad_row="skip"``) or raise
     `BadRowError` (a ValueError) naming the line/row and the reason (``"error"``).
@@ -365,6 +418,7 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list
             report.bad_rows.append(BadRow(raw.index, raw.location, bad.reason, bad.message))
             continue
         row["row"] = raw.index
+        row["location"] = raw.location
         rows.append(row)
         report.formats[fmt] += 1
     report.n_kept = len(rows)

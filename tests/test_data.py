@@ -225,6 +225,52 @@ def test_load_argument_errors(tmp_path):
         load_preference_rows(str(tmp_path / "obj.json"))
 
 
+# ----------------------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_non_utf8_byte_costs_its_line_only(tmp_path, newline):
+    good = make_preference_dataset(5, fresh_seed())
+    lines = [json.dumps(r).encode() for r in good]
+    bad = json.dumps({"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}).encode()
+    bad = bad.replace(b" 3 1\"}", b" 3 \xff1\"}")  # one Latin-1 byte inside the rejected string
+    lines.insert(2, bad)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(newline.encode().join(lines) + newline.encode())
+    rows, report = load_preference_rows(str(path))
+    assert [(b.location, b.reason) for b in report.bad_rows] == [("line 3", "invalid_utf8")]
+    assert "0xff" in report.bad_rows[0].message and "line 3: not valid UTF-8" in report.summary()
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == good
+    assert [r["location"] for r in rows] == ["line 1", "line 2", "line 4", "line 5", "line 6"]
+    with pytest.raises(BadRowError, match="line 3: not valid UTF-8"):
+        load_preference_rows(str(path), on_bad_row="error")
+    # the same lines in a .json file (JSON lines): still one row lost
+    json_lines = tmp_path / "latin1.json"
+    json_lines.write_bytes(path.read_bytes())
+    assert [b.location for b in load_preference_rows(str(json_lines))[1].bad_rows] == ["line 3"]
+
+
+def test_non_utf8_byte_in_one_json_document_names_the_line(tmp_path):
+    rows = make_preference_dataset(4, fresh_seed())
+    text = json.dumps(rows, indent=1).encode()
+    line_of_rejected = text[: text.index(b'"rejected"')].count(b"\n") + 1
+    path = tmp_path / "doc.json"
+    path.write_bytes(text.replace(b'"rejected": "', b'"rejected": "\xe9', 1))
+    with pytest.raises(ValueError, match=rf"line {line_of_rejected}: not valid UTF-8 \(byte 0xe9\)"):
+        load_preference_rows(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "json_lines"])
+def test_utf8_byte_order_mark_is_not_a_bad_row(tmp_path, fmt):
+    rows = make_preference_dataset(3, fresh_seed())
+    text = json.dumps(rows) if fmt == "json" else "\n".join(json.dumps(r) for r in rows) + "\n"
+    path = tmp_path / ("d.jsonl" if fmt == "jsonl" else "d.json")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    got, report = load_preference_rows(str(path))
+    assert report.n_skipped == 0 and report.n_kept == 3
+    assert [{k: g[k] for k in ("prompt", "chosen", "rejected")} for g in got] == rows
+
+
 # ----------------------------------------------------------------------------- tokenization
 
 
