@@ -94,7 +94,7 @@ class LoadReport:
 
 @dataclass
 class TokenizeReport:
-    """What `tokenize_pairs` kept, truncated and dropped."""
+    """What `tokenize_pairs` kept, truncated and dropped (dropped pairs by "row" id and by source location)."""
 
     n_in: int = 0
     n_kept: int = 0
@@ -105,6 +105,7 @@ class TokenizeReport:
     dropped_identical_after_truncation: list[int] = field(default_factory=list)  # cut to chosen == rejected
     dropped_empty_completion: list[int] = field(default_factory=list)  # a completion tokenized to nothing
     max_length: Optional[int] = None
+    locations: dict[int, str] = field(default_factory=dict)  # "row" id -> "line 7" / "row 6", for dropped pairs
 
     @property
     def n_dropped(self) -> int:
@@ -114,8 +115,14 @@ class TokenizeReport:
             + len(self.dropped_empty_completion)
         )
 
-    def summary(self) -> str:
-        """One line for the console."""
+    def where(self, row_ids: Sequence[int], max_listed: int = 5) -> str:
+        """The first `max_listed` locations of `row_ids`, e.g. "line 3, line 9, ... and 4 more"."""
+        shown = [self.locations.get(r, f"row {r}") for r in row_ids[:max_listed]]
+        more = len(row_ids) - len(shown)
+        return ", ".join(shown) + (f", ... and {more} more" if more > 0 else "")
+
+    def summary(self, max_listed: int = 5) -> str:
+        """One line for the console (plus one line per kind of dropped pair, naming where they are)."""
         text = (
             f"tokenized {self.n_in} pairs: kept {self.n_kept}, dropped {len(self.dropped_prompt_too_long)} whose "
             f"prompt alone is >= max_length={self.max_length}; truncated prompts {self.n_prompt_truncated}, "
@@ -130,6 +137,14 @@ class TokenizeReport:
             text += f"; dropped {len(self.dropped_empty_completion)} with a completion that tokenized to nothing"
         if self.n_prefix_mismatch:
             text += f"; {self.n_prefix_mismatch} pairs re-tokenized because the prompt tokens changed when joined"
+        for label, ids in (
+            ("prompt alone >= max_length (raise --max-length or set --max-prompt-length to truncate prompts)",
+             self.dropped_prompt_too_long),
+            ("completions identical after truncation", self.dropped_identical_after_truncation),
+            ("a completion tokenized to nothing", self.dropped_empty_completion),
+        ):
+            if ids:
+                text += f"\n  dropped, {label}: {self.where(ids, max_listed)}"
         return text
 
 
@@ -500,7 +515,8 @@ def tokenize_pairs(
     Truncation: with `max_prompt_length` the prompt keeps its end (``"keep_end"``, BOS kept)
     or its start (``"keep_start"``); pairs whose prompt alone is ``>= max_length`` are dropped
     and counted; completions are cut so prompt + completion <= `max_length` (pairs whose
-    completions become identical by that cut are dropped and counted too).
+    completions become identical by that cut are dropped and counted too); the report names
+    where each dropped pair came from (the rows' ``location``: a JSONL line, else the row index).
     Examples also carry ``row`` and any ``ref_*_logps`` of their input row.
     """
     if truncation_mode not in TRUNCATION_MODES:
@@ -539,6 +555,12 @@ def tokenize_pairs(
             plain_ids[i] = (list(p[j]), list(pc[j]), list(pr[j]))
 
     examples: list[dict] = []
+
+    def drop(into: list[int], i: int, row: dict) -> None:
+        row_id = row.get("row", i)
+        into.append(row_id)
+        report.locations[row_id] = row.get("location") or f"row {row_id}"
+
     for i, row in enumerate(rows):
         if conv[i]:
             prompt_ids = _chat_ids(tokenizer, row["prompt"], True)
@@ -558,17 +580,17 @@ def tokenize_pairs(
             report.n_prompt_truncated += 1
         if max_length is not None:
             if len(prompt_ids) >= max_length:
-                report.dropped_prompt_too_long.append(row.get("row", i))
+                drop(report.dropped_prompt_too_long, i, row)
                 continue
             room = max_length - len(prompt_ids)
             if len(chosen_ids) > room or len(rejected_ids) > room:
                 report.n_completion_truncated += 1
                 chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
                 if chosen_ids == rejected_ids:  # no preference left to learn from
-                    report.dropped_identical_after_truncation.append(row.get("row", i))
+                    drop(report.dropped_identical_after_truncation, i, row)
                     continue
         if not chosen_ids or not rejected_ids:
-            report.dropped_empty_completion.append(row.get("row", i))
+            drop(report.dropped_empty_completion, i, row)
             continue
         example = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "row": row.get("row", i)}
         for key in _REF_KEYS:

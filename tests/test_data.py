@@ -271,6 +271,35 @@ def test_utf8_byte_order_mark_is_not_a_bad_row(tmp_path, fmt):
     assert [{k: g[k] for k in ("prompt", "chosen", "rejected")} for g in got] == rows
 
 
+def test_prompts_longer_than_max_length_are_reported_by_line(tmp_path, tok):
+    rng = random.Random(fresh_seed())
+    lines, long_lines = [], []
+    for lineno in range(1, 41):
+        n = rng.choice([2, 3, 20]) if lineno > 1 else 20
+        if n == 20:
+            long_lines.append(lineno)
+        prompt = "sort: " + " ".join(rng.choice("0123456789") for _ in range(n)) + " ="
+        lines.append(json.dumps({"prompt": prompt, "chosen": " a", "rejected": " b"}))
+        if lineno == 7:
+            lines.append("")  # a blank line: numbering still follows the file
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    long_lines = [n + (n > 7) for n in long_lines]
+    rows, _ = load_preference_rows(str(path))
+    examples, report = tokenize_pairs(rows, tok, max_length=16)
+    assert len(long_lines) > 5 and report.n_kept == 40 - len(long_lines)
+    assert [report.locations[r] for r in report.dropped_prompt_too_long] == [f"line {n}" for n in long_lines]
+    text = report.summary()
+    shown = ", ".join(f"line {n}" for n in long_lines[:5])
+    assert f"dropped {len(long_lines)} whose prompt alone" in text
+    assert f"prompt alone >= max_length (raise --max-length or set --max-prompt-length to truncate prompts): " \
+           f"{shown}, ... and {len(long_lines) - 5} more" in text
+    # rows without a location (a list passed directly) are named by their row index
+    plain = [{k: r[k] for k in ("prompt", "chosen", "rejected", "row")} for r in rows]
+    _, report = tokenize_pairs(plain, tok, max_length=16)
+    assert report.where(report.dropped_prompt_too_long[:1]) == f"row {report.dropped_prompt_too_long[0]}"
+
+
 # ----------------------------------------------------------------------------- tokenization
 
 
