@@ -369,6 +369,44 @@ def test_metrics_logger_truncates_on_resume_and_plots(tmp_path):
         assert fh.read(4) == b"\x89PNG"
 
 
+def test_torn_last_metrics_record_is_dropped_other_damage_named(tmp_path):
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in range(1, 5):
+        log.log(step, {"loss": 1.0 / step})
+    with open(log.path, "a", encoding="utf-8") as fh:  # a crash in the middle of writing step 5
+        fh.write('{"step": 5, "loss": 0.2')
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl, line 5: dropped a torn last record"):
+        assert [r["step"] for r in read_metrics(log.path)] == [1, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="torn"):
+        resumed = MetricsLogger(str(tmp_path), tensorboard=False, resume_step=3)
+    resumed.log(4, {"loss": 0.25})
+    with open(resumed.path, encoding="utf-8") as fh:  # the torn line is gone from the file
+        assert [json.loads(line)["step"] for line in fh] == [1, 2, 3, 4]
+    lines = open(resumed.path, encoding="utf-8").read().splitlines()
+    for bad in ('{"step": 2, "loss"', "[1, 2]"):  # damage before the last line: an error naming the line
+        damaged = lines[:1] + [bad] + lines[2:]
+        with open(resumed.path, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(damaged) + "\n")
+        with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics record .*the file is damaged"):
+            read_metrics(resumed.path)
+        with pytest.raises(ValueError, match="line 2"):
+            MetricsLogger(str(tmp_path), tensorboard=False, resume_step=3)
+
+
+def test_resume_after_a_crash_mid_record(tok, tmp_path):
+    cfg = make_cfg(tok, tmp_path, max_steps=4, save_steps=2)
+    train(cfg, tokenizer=tok, log=lambda s: None)
+    path = os.path.join(cfg.output, "metrics.jsonl")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 5, "lo')
+    again = copy.copy(cfg)
+    again.resume, again.max_steps = os.path.join(cfg.output, "checkpoint-2"), 4
+    with pytest.warns(RuntimeWarning, match="torn"):
+        resumed = train(again, tokenizer=tok, log=lambda s: None)
+    assert resumed.steps == 4
+    assert [r["step"] for r in read_metrics(path) if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_ref_cache_key_depends_on_model_data_and_settings():
     ex = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "row": 0}]
     base = dict(model_id="m", reference="adapters_disabled", examples=ex, settings={"ld_alpha": None})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Dict, Iterable, List, Optional
 
 METRICS_FILE = "metrics.jsonl"
@@ -66,11 +67,32 @@ def _to_float(value: Any) -> Any:
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """Records of a metrics.jsonl file (empty list when it does not exist)."""
+    """Records of a metrics.jsonl file (empty list when it does not exist).
+
+    A crash while a record was being written leaves a torn last line: it is dropped with a
+    warning (the run resumes from a checkpoint and logs that step again). An unreadable line
+    anywhere else means the file was damaged otherwise: a ValueError names the file and line.
+    """
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [(n, line) for n, line in enumerate(fh, start=1) if line.strip()]
+    records: List[Dict[str, Any]] = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not a record")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}, line {lineno}: dropped a torn last record ({detail}); "
+                              "a run stopped while writing it", RuntimeWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {lineno}: not a metrics record ({detail}); the file is damaged: "
+                             "remove that line (or the file, to drop the logged history) and retry") from None
+        records.append(record)
+    return records
 
 
 def plot_metrics(records: Iterable[Dict[str, Any]], png_path: str, title: str = "dpo_fast") -> str:
