@@ -369,6 +369,25 @@ def test_metrics_logger_truncates_on_resume_and_plots(tmp_path):
         assert fh.read(4) == b"\x89PNG"
 
 
+def test_plot_points_show_an_all_tied_step_at_chance():
+    from dpo_fast.train.logging import plot_points, run_title
+
+    records = [
+        {"step": 0, "eval_loss": 0.693, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0},  # all tied
+        {"step": 1, "loss": 0.69, "rewards/accuracies": 0.0, "rewards/margins": 0.0},  # all tied
+        {"step": 2, "loss": 0.68, "rewards/accuracies": 0.0, "rewards/margins": -0.01},  # every pair lost
+        {"step": 2, "eval_loss": 0.6, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2},
+        {"step": 3, "loss": 0.5, "rewards/accuracies": 1.0, "rewards/margins": 0.0},  # margins cancel, no ties
+    ]
+    assert plot_points(records, "eval_rewards/accuracies") == [(0, 0.5), (2, 0.75)]
+    assert plot_points(records, "rewards/accuracies") == [(1, 0.5), (2, 0.0), (3, 1.0)]
+    assert plot_points(records, "eval_rewards/margins") == [(0, 0.0), (2, 0.2)]
+    assert plot_points(records, "loss") == [(1, 0.69), (2, 0.68), (3, 0.5)]
+    assert run_title("sft", ["sigmoid"]) == "dpo_fast sft"
+    assert run_title("dpo", ["sft", "sigmoid"], 0.1) == "dpo_fast dpo: sft + sigmoid (RPO: DPO + NLL of the chosen), beta 0.1"
+    assert run_title("dpo", "ipo,sft") == "dpo_fast dpo: ipo + sft"
+
+
 def test_torn_last_metrics_record_is_dropped_other_damage_named(tmp_path):
     log = MetricsLogger(str(tmp_path), tensorboard=False)
     for step in range(1, 5):
