@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -236,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo":
         from dpo_fast.demo import run_demo, settings_from_args
 
-        run_demo(settings_from_args(args))
+        run_demo(settings_from_args(args), command=" ".join(["dpo-fast"] + [shlex.quote(a) for a in argv]))
         return 0
     if args.command == "bench":
         return run_bench(args.bench_args)
