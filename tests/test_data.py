@@ -392,6 +392,40 @@ def test_truncation_modes_and_dropped_prompts(tok, mode, max_prompt_length):
     assert f"dropped {len(dropped)}" in report.summary()
 
 
+def _tokenizer_without_bos():
+    """The demo vocabulary as a tokenizer with no BOS token at all (as Qwen's): nothing is prepended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_fast.demo_task import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, read_vocab
+
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(read_vocab())}, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   unk_token=UNK_TOKEN, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_prompt_truncation_without_a_bos_token(mode):
+    no_bos = _tokenizer_without_bos()
+    assert no_bos.bos_token_id is None
+    rows = _long_rows(40, fresh_seed())
+    full, _ = tokenize_pairs(rows, no_bos, max_length=None)
+    assert all(ex["prompt_ids"] == no_bos(row["prompt"])["input_ids"] for ex, row in zip(full, rows))
+    limit = 7
+    examples, report = tokenize_pairs(rows, no_bos, max_length=None, max_prompt_length=limit, truncation_mode=mode)
+    n_cut = 0
+    for ex, whole in zip(examples, full):
+        p = whole["prompt_ids"]
+        n_cut += len(p) > limit
+        assert ex["prompt_ids"] == (p[-limit:] if mode == "keep_end" else p[:limit])
+        assert ex["chosen_ids"] == whole["chosen_ids"] and ex["rejected_ids"] == whole["rejected_ids"]
+    assert n_cut > 10 and report.n_prompt_truncated == n_cut
+    if mode == "keep_end":  # every kept prompt ends with the task's "=" (the end was kept, not the start)
+        eq = no_bos.convert_tokens_to_ids("=")
+        assert all(ex["prompt_ids"][-1] == eq for ex in examples)
+
+
 def test_pairs_identical_after_truncation_are_dropped_and_counted(tok):
     rows, _ = load_preference_rows([
         {"prompt": "sort: 1 =", "chosen": " a b c d", "rejected": " a b c e"},
