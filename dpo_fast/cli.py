@@ -69,6 +69,9 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads of a CPU run (default 1, unless OMP_NUM_THREADS is set: small models run "
+                        "fastest on one thread and a busy core slows several threads down many times over)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--offload-checkpointing", action="store_true",
                    help="gradient checkpointing with the saved layer inputs offloaded to pinned CPU memory "
@@ -219,13 +222,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train", "sft"):
         stage = "dpo" if args.command == "train" else "sft"
+        import torch
+
+        from dpo_fast.train.cpu_threads import set_cpu_threads
+
+        threads = torch.get_num_threads()
         try:
             config = config_from_args(args, stage)
+            set_cpu_threads(config.device, args.threads)
         except ValueError as exc:
             parser.error(str(exc))
         from dpo_fast.train import train
 
-        result = train(config)
+        try:
+            result = train(config)
+        finally:
+            torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)
         summary = {k: v for k, v in {**result.train_metrics, **result.eval_metrics}.items()
                    if k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss",
                             "eval_rewards/accuracies", "eval_rewards/margins")}
