@@ -411,6 +411,25 @@ def test_metrics_logger_truncates_on_resume_and_plots(tmp_path):
         assert fh.read(4) == b"\x89PNG"
 
 
+def test_lora_wrapping_prints_no_deprecation_warning(tok):
+    """peft reads transformers' deprecated is_gradient_checkpointing when it wraps a model: not shown in a run."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from dpo_fast.train.model_loading import apply_lora
+
+    model = AutoModelForCausalLM.from_config(tiny_config(tok))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = apply_lora(model, TrainConfig(lora_r=4), quantized=False)
+    assert ckpt.is_peft_model(wrapped)
+    with warnings.catch_warnings(record=True) as caught:  # outside the wrapping, warnings are untouched
+        warnings.simplefilter("always")
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+    assert len(caught) == 1
+
+
 def test_plot_points_show_an_all_tied_step_at_chance():
     from dpo_fast.train.logging import plot_points, run_title
 
