@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -70,6 +71,9 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads of a CPU run (default 1, unless OMP_NUM_THREADS is set: small models run "
+                        "fastest on one thread and a busy core slows several threads down many times over)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--offload-checkpointing", action="store_true",
                    help="gradient checkpointing with the saved layer inputs offloaded to pinned CPU memory "
@@ -215,13 +219,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train", "sft"):
         stage = "dpo" if args.command == "train" else "sft"
+        import torch
+
+        from dpo_fast.train.cpu_threads import set_cpu_threads
+
+        threads = torch.get_num_threads()
         try:
             config = config_from_args(args, stage)
+            set_cpu_threads(config.device, args.threads)
         except ValueError as exc:
             parser.error(str(exc))
         from dpo_fast.train import train
 
-        result = train(config)
+        try:
+            result = train(config)
+        finally:
+            torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)
         summary = {k: v for k, v in {**result.train_metrics, **result.eval_metrics}.items()
                    if k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss",
                             "eval_rewards/accuracies", "eval_rewards/margins")}
@@ -233,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo":
         from dpo_fast.demo import run_demo, settings_from_args
 
-        run_demo(settings_from_args(args))
+        run_demo(settings_from_args(args), command=" ".join(["dpo-fast"] + [shlex.quote(a) for a in argv]))
         return 0
     if args.command == "bench":
         return run_bench(args.bench_args)

@@ -202,6 +202,41 @@ def test_loss_options_match_unfused(backend, opts, device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "simpo"])
+def test_average_log_prob_length_normalising_types_divide_once(backend, loss_type, device):
+    """average_log_prob=True gives per-token means; ipo / sigmoid_norm / simpo use them as TRL's formulas do,
+    without dividing by the completion length again (float64 reference written from the formulas)."""
+    b, t, d, vocab, beta, gamma = 3, 23, 16, 211, 0.3, 0.5
+    # completions of very different lengths (1 to 14 tokens): a second division would change every pair
+    hidden, weight, labels = _batch(b, t, d, vocab, lengths=[14, 1, 6, 2, 13, 9], device=_dev(backend, device))
+    ref_hidden = hidden.detach() + 0.3 * torch.randn_like(hidden)
+    with use_backend(backend), chunking(8, 64):
+        loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, beta=beta,
+                                              loss_type=loss_type, average_log_prob=True, simpo_gamma=gamma)
+        loss.backward()
+    pol, ref, _, mask, h, _ = _unfused(hidden, weight, labels, ref_hidden, average=True)  # per-token means
+    lengths = mask.sum(1)
+    assert lengths.min() == 1 and lengths.max() >= 9
+    pc, pr, rc, rr = pol[:b], pol[b:], ref[:b], ref[b:]
+    if loss_type == "ipo":  # TRL: (h - 1 / (2 beta))^2 with h the difference of mean log-ratios
+        losses = (((pc - rc) - (pr - rr)) - 1 / (2 * beta)) ** 2
+        rewards = beta * (pc - rc), beta * (pr - rr)
+    elif loss_type == "sigmoid_norm":  # -log sigmoid(beta * h), h of mean log-ratios
+        losses = -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+        rewards = beta * (pc - rc), beta * (pr - rr)
+    else:  # SimPO (reference-free): -log sigmoid(beta * (mean logp_c - mean logp_r) - gamma)
+        losses = -torch.nn.functional.logsigmoid(beta * (pc - pr) - gamma)
+        rewards = beta * pc, beta * pr
+    want = losses.mean()
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, abs(want.item()))
+    assert _rel(hidden.grad, h.grad) < 1e-5
+    assert math.isclose(metrics["rewards/chosen"], rewards[0].mean().item(), rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(metrics["rewards/rejected"], rewards[1].mean().item(), rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(metrics["logps/chosen"], pc.mean().item(), rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_degenerate_batches(backend, device):
     """A pair whose completion is fully masked, very long next to very short completions."""
     b, t, d, vocab = 3, 40, 16, 200

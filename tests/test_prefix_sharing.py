@@ -180,15 +180,26 @@ def _run(model, batch, **kw):
     return loss.detach(), metrics, grads
 
 
-def _assert_same(got, want, tol):
+# fp32 gradients of the patched model (shared or not) against the unpatched one, the worst parameter's relative
+# error over 200 seeds of test_compute_dpo_loss_shared_equals_unshared: llama median 2.1e-6, max 2.7e-5 (mistral
+# and the checkpointed variants gave the same numbers); qwen3 median 3.4e-6, max 9.4e-5 (the backward of its q/k
+# RMS norms cancels). The patched model without prefix sharing differed as much: fp32 rounding, not the sharing;
+# the unpatched fp32 model against float64: llama max 1.4e-5, qwen3 max 3.2e-5. A wrong mask or position: >1e-2.
+GRAD_TOL = {"llama": 1e-4, "mistral": 1e-4, "qwen3": 3e-4}
+# metrics are batch means; rewards are beta * differences of log-probs near -120, whose fp32 rounding is ~1e-5:
+# the absolute difference reached 0.9e-6 over those 200 seeds (the loss: relative 6.2e-7)
+METRIC_ABS_TOL = 3e-6
+
+
+def _assert_same(got, want, tol, grad_tol=GRAD_TOL["llama"]):
     loss_g, metrics_g, grads_g = got
     loss_w, metrics_w, grads_w = want
     assert rel(loss_g, loss_w) < tol
     assert metrics_g.keys() == metrics_w.keys()
     for key, value in metrics_w.items():
-        assert metrics_g[key] == pytest.approx(value, rel=max(tol, 1e-6), abs=1e-6), key
+        assert metrics_g[key] == pytest.approx(value, rel=max(tol, 1e-6), abs=METRIC_ABS_TOL), key
     worst = max(rel(grads_g[n], grads_w[n]) for n in grads_w)
-    assert worst < tol, worst
+    assert worst < grad_tol, worst
 
 
 class _RowCounter:
@@ -219,9 +230,9 @@ def test_compute_dpo_loss_shared_equals_unshared(family, checkpointing, task_typ
     # policy and reference passes both ran on B packed rows
     packed_len = max(p + c + r for p, c, r in zip(*layout))
     assert counter.shapes == [(b, packed_len), (b, packed_len)]
-    _assert_same(got, want, 1e-5)
+    _assert_same(got, want, 1e-5, GRAD_TOL[family])
     counter.shapes.clear()
-    _assert_same(_run(model, batch, prefix_sharing=False), want, 1e-5)
+    _assert_same(_run(model, batch, prefix_sharing=False), want, 1e-5, GRAD_TOL[family])
     assert counter.shapes == [(2 * b, length), (2 * b, length)]
 
 
@@ -243,6 +254,10 @@ def test_prefix_sharing_bf16_no_worse_than_unshared_bf16(device):
     import copy
 
     fp32 = _lora_model("llama").to(device)
+    with torch.no_grad():  # LoRA B at a trained adapter's scale (see below)
+        for name, p in fp32.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     batch = preference_batch([8, 5], [9, 14], [12, 6], 24, device)
     want = _run(fp32, batch)
@@ -253,6 +268,11 @@ def test_prefix_sharing_bf16_no_worse_than_unshared_bf16(device):
     def grad_error(run):
         return max(rel(run[2][n], want[2][n]) for n in want[2])
 
+    # peft's random LoRA init (init_lora_weights=False) makes the LoRA update about 5x the base weights; bf16
+    # gradients of that model are ill-conditioned: over 1200 seeds their error against fp32 reached 94% on the
+    # unshared path and 59% on the shared one, and the ratio of the two 0.2 to 3.3 (this test failed at random).
+    # With B scaled by 0.1, over 300 seeds: loss error max 5.7e-4; worst-parameter gradient error 1.0% to 1.9%
+    # unshared, 1.0% to 2.0% shared, shared / unshared 0.61 to 1.38. Rejected position ids off by one: 26%.
     assert rel(shared[0], want[0]) < 1e-2
     assert grad_error(shared) <= 1.5 * grad_error(unshared) + 1e-2, (grad_error(shared), grad_error(unshared))
 
@@ -301,14 +321,18 @@ def test_reference_variants_and_sequence_logps():
 
 
 def test_plain_calls_unchanged_and_unpatch():
+    import copy
+
     model = _lora_model("llama").eval()
     ids = torch.randint(0, VOCAB, (2, 11))
     with torch.no_grad():
-        want = model(input_ids=ids).logits
+        truth = copy.deepcopy(model).double()(input_ids=ids).logits
     counts = patch_body(model, prefix_sharing=True, rope=False)
     assert counts["prefix_sharing"] == 2 and counts["rope"] == 0
     with torch.no_grad():
-        assert rel(model(input_ids=ids).logits, want) < 1e-6
+        # fp32 logits against float64, over 200 seeds: the patched model's error max 8.6e-7, the unpatched
+        # model's own max 8.9e-7 (patched against unpatched, two fp32 roundings, reached 1.16e-6)
+        assert rel(model(input_ids=ids).logits, truth) < 3e-6
     unpatch_body(model)
     assert not prefix_sharing_enabled(model)
     attn = model.get_base_model().model.layers[0].self_attn

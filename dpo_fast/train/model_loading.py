@@ -6,11 +6,13 @@ DPO reference; with a fresh adapter the reference is the base (adapters disabled
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -161,8 +163,22 @@ def default_target_modules(model: torch.nn.Module) -> List[str]:
     return sorted(names)
 
 
+@contextlib.contextmanager
+def _peft_wrapping_quietly():
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, which
+    prints a FutureWarning in every run; that warning alone is silenced while peft wraps the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) -> torch.nn.Module:
     """Wrap in peft: a fresh LoRA adapter, or cfg.adapter continued with a frozen "ref" copy."""
+    with _peft_wrapping_quietly():
+        return _apply_lora(model, cfg, quantized=quantized)
+
+
+def _apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) -> torch.nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:

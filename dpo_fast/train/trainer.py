@@ -26,7 +26,7 @@ from dpo_fast.patching.reference import describe_reference, reference_model
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .logging import PLOT_FILE, MetricsLogger, ProgressBar, plot_metrics, read_metrics
+from .logging import PLOT_FILE, MetricsLogger, ProgressBar, plot_metrics, read_metrics, run_title
 from .loop import LoopState, StopFlag, autocast_dtype, evaluate, run_loop
 from .model_loading import LoadedModel, load_model, resolve_device
 from .optim import build_optimizer, build_scheduler
@@ -276,7 +276,7 @@ class DPOFastTrainer:
         result.metrics_path = logger.path
         if cfg.plot:
             result.plot_path = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output, PLOT_FILE),
-                                            title=f"dpo_fast {cfg.stage}")
+                                            title=run_title(cfg.stage, cfg.loss_type, cfg.beta))
         if cfg.merge and not state.interrupted:
             result.merged_dir = ckpt.save_merged(self.model, os.path.join(cfg.output, "merged"), self.tokenizer)
         return result
