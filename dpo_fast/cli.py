@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import sys
@@ -70,7 +71,11 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--no-patch", action="store_true", help="do not patch the model with dpo_fast")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
-    g.add_argument("--device", default=d.device)
+    g.add_argument("--device", default=d.device,
+                   help="auto: cuda when available, else cpu; under torchrun each process takes cuda:LOCAL_RANK")
+    g.add_argument("--fsdp", action="store_true",
+                   help="several processes (torchrun / accelerate launch): shard the model over them (FSDP2) "
+                        "instead of one replica each; LoRA only (4-bit bases included)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads of a CPU run (default 1, unless OMP_NUM_THREADS is set: small models run "
                         "fastest on one thread and a busy core slows several threads down many times over)")
@@ -143,6 +148,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         load_in_4bit=args.load_in_4bit, use_lora=not args.full_finetune, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=_csv_list(args.target_modules),
         adapter=args.adapter, patch=not args.no_patch, precision=args.precision, device=args.device,
+        fsdp=args.fsdp,
         gradient_checkpointing=args.gradient_checkpointing, offload_checkpointing=args.offload_checkpointing,
         prefix_sharing=getattr(args, "prefix_sharing", False),
         max_length=args.max_length,
@@ -229,12 +235,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             set_cpu_threads(config.device, args.threads)
         except ValueError as exc:
             parser.error(str(exc))
-        from dpo_fast.train import train
+        from dpo_fast.train import DPOFastTrainer
+        from dpo_fast.train.distributed import shutdown
 
+        trainer = DPOFastTrainer(config)
         try:
-            result = train(config)
+            result = trainer.train()
         finally:
             torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)
+        parallel = trainer.parallel
+        del trainer  # the DDP / FSDP model holds the process group: free it before the group is destroyed
+        gc.collect()
+        shutdown(parallel)
+        if not parallel.is_main:  # the main process reports for all
+            return 130 if result.interrupted else 0
         summary = {k: v for k, v in {**result.train_metrics, **result.eval_metrics}.items()
                    if k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss",
                             "eval_rewards/accuracies", "eval_rewards/margins")}

@@ -112,7 +112,10 @@ def load_base_model(spec: Any, *, load_in_4bit: bool = False, device: torch.devi
         kwargs: dict = {"dtype": dtype}
         if load_in_4bit:
             kwargs["quantization_config"] = bnb_4bit_config()
-            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+            if device.type == "cuda":  # each process's own GPU (cuda:LOCAL_RANK under torchrun), not always the first
+                kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+            else:
+                kwargs["device_map"] = {"": "cpu"}
         model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
         return model if load_in_4bit else model.to(device)
     import copy
