@@ -26,10 +26,12 @@ class TrainConfig:
     """Options of a `dpo-fast train` / `dpo-fast sft` run (see `dpo-fast train --help`)."""
 
     # --- what to train, where to write ------------------------------------------------------
-    model: Any = None  # checkpoint dir, config JSON file/dir, a PretrainedConfig, or None (model passed in)
-    data: Any = None  # JSONL/JSON/Parquet file, saved `datasets` dir, or a list of row dicts
+    # checkpoint dir, Hub model id (org/name), config JSON file/dir, a PretrainedConfig, or None (model passed in)
+    model: Any = None
+    # JSONL/JSON/Parquet file, saved `datasets` dir, a dataset repo folder, a Hub dataset id, or a list of row dicts
+    data: Any = None
     output: str = "dpo_fast_output"
-    tokenizer: Optional[str] = None  # defaults to the model directory
+    tokenizer: Optional[str] = None  # folder or Hub id; defaults to the model's
     stage: str = "dpo"
 
     # --- model loading ------------------------------------------------------------------------
@@ -39,7 +41,9 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: Optional[List[str]] = None  # None: every linear layer of the decoder blocks
-    adapter: Optional[str] = None  # continue an existing LoRA adapter (frozen "ref" copy as reference)
+    adapter: Optional[str] = None  # continue an existing LoRA adapter, folder or Hub id (frozen "ref" copy as reference)
+    revision: Optional[str] = None  # branch, tag or commit of a Hub model id (and of its tokenizer)
+    trust_remote_code: bool = False  # let transformers run a repository's own modelling code
     patch: bool = True  # patch the model with dpo_fast (fused head, kernels)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # several processes (torchrun / accelerate launch): each takes cuda:LOCAL_RANK
@@ -62,6 +66,17 @@ class TrainConfig:
     on_bad_row: str = "skip"
     eval_fraction: float = 0.0
     group_by_length: bool = True
+    data_split: Optional[str] = None  # split of a Hub dataset / dataset folder (default: "train" or the only one)
+    data_config: Optional[str] = None  # configuration (subset) name of a Hub dataset
+    data_revision: Optional[str] = None  # branch, tag or commit of a Hub dataset id
+    # a separate eval set (file, folder or Hub id); eval_split alone takes another split of `data`
+    eval_data: Any = None
+    eval_split: Optional[str] = None
+    # column names of the dataset's schema (None: recognised from the columns, dpo_fast.schemas)
+    prompt_column: Optional[str] = None
+    chosen_column: Optional[str] = None
+    rejected_column: Optional[str] = None
+    system_column: Optional[str] = None
 
     # --- loss ---------------------------------------------------------------------------------
     loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
@@ -135,6 +150,9 @@ class TrainConfig:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction > 0 and (self.eval_data is not None or self.eval_split is not None):
+            raise ValueError("eval_fraction: give one eval set: a fraction held out of the training data "
+                             "(--eval-fraction) or a separate one (--eval-data / --eval-split), not both")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
         if self.lr is not None and self.lr <= 0:
@@ -190,7 +208,7 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "data" and not isinstance(value, (str, type(None))):
+            if f.name in ("data", "eval_data") and not isinstance(value, (str, type(None))):
                 value = f"<{type(value).__name__}>"
             elif f.name == "model" and not isinstance(value, (str, type(None))):
                 value = value.to_dict() if hasattr(value, "to_dict") else f"<{type(value).__name__}>"

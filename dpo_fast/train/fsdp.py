@@ -45,7 +45,7 @@ from dpo_fast.state import record_holder
 
 from .config import TrainConfig
 from .distributed import Parallel
-from .model_loading import (LoadedModel, _has_weights, _load_config, _weights_fingerprint, load_tokenizer,
+from .model_loading import (LoadedModel, _load_config, _weights_fingerprint, is_checkpoint, load_tokenizer,
                             model_identity, prepare_model)
 
 
@@ -61,9 +61,12 @@ def _open_base(cfg: TrainConfig, given: Optional[nn.Module], dtype: torch.dtype)
     if given is not None:
         return given
     spec = cfg.model
-    if isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
+    if is_checkpoint(spec):
+        from dpo_fast import hub
+
         # the checkpoint's own dtype keeps the tensors memory-mapped; they are cast on their way to the device
-        return AutoModelForCausalLM.from_pretrained(spec, dtype="auto", device_map={"": "cpu"})
+        return hub.from_pretrained(AutoModelForCausalLM.from_pretrained, spec, flag="--model", revision=cfg.revision,
+                                   trust_remote_code=cfg.trust_remote_code, dtype="auto", device_map={"": "cpu"})
     import copy
 
     config = copy.deepcopy(_load_config(spec))
@@ -146,7 +149,8 @@ def load_sharded_model(cfg: TrainConfig, parallel: Parallel, *, model: Optional[
     if model is None and cfg.model is None:
         raise ValueError("model: give a checkpoint dir or a config (or pass a model object)")
     base = _open_base(cfg, model, dtype)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, cfg.tokenizer)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, cfg.tokenizer, revision=cfg.revision,
+                                                                 trust_remote_code=cfg.trust_remote_code)
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
     if model is not None:
@@ -155,7 +159,7 @@ def load_sharded_model(cfg: TrainConfig, parallel: Parallel, *, model: Optional[
         model_id = "object:" + hashlib.sha256(base.config.to_json_string(use_diff=False).encode()
                                               + _weights_fingerprint(base)).hexdigest()
     else:
-        model_id = model_identity(cfg.model, cfg.adapter, cfg.seed)
+        model_id = model_identity(cfg.model, cfg.adapter, cfg.seed, revision=cfg.revision)
     if model is not None:  # an object is used as it is, as without FSDP
         quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_quantized", False))
     else:

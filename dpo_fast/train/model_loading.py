@@ -1,4 +1,4 @@
-"""Load the model to train: a local checkpoint or a config (random init), optionally 4-bit, with LoRA.
+"""Load the model to train: a local checkpoint, a Hub id or a config (random init), optionally 4-bit, with LoRA.
 
 The model is then patched with dpo_fast. With `adapter=PATH` an existing LoRA adapter (e.g.
 from `dpo-fast sft`) is continued and a frozen "ref" copy of its starting weights becomes the
@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from dpo_fast import patching
+from dpo_fast import hub, patching
 
 from .config import TrainConfig
 
@@ -62,13 +62,21 @@ def _load_config(spec: Any):
         return AutoConfig.for_model(data.pop("model_type", "llama"), **data)
     if isinstance(spec, str) and os.path.isdir(spec):
         return AutoConfig.from_pretrained(spec)
-    raise ValueError(f"model: expected a checkpoint dir, a config JSON file or a PretrainedConfig, got {spec!r}")
+    raise ValueError(f"model: expected a checkpoint dir, a Hub model id, a config JSON file or a PretrainedConfig, "
+                     f"got {spec!r}")
 
 
-def model_identity(spec: Any, adapter: Optional[str], seed: int) -> str:
-    """Stable string that changes when the weights the reference uses change."""
+def is_checkpoint(spec: Any) -> bool:
+    """A pretrained model to load with from_pretrained: a local folder holding weights, or a Hub model id."""
+    return isinstance(spec, str) and ((os.path.isdir(spec) and _has_weights(spec)) or hub.is_hub_id(spec))
+
+
+def model_identity(spec: Any, adapter: Optional[str], seed: int, *, revision: Optional[str] = None) -> str:
+    """Stable string that changes when the weights the reference uses change (a Hub id: its resolved commit)."""
     parts: List[str] = []
-    if isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
+    if hub.is_hub_id(spec):
+        parts.append(hub.identity(spec, "config.json", flag="--model", revision=revision))
+    elif isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
         parts.append(os.path.abspath(spec))
         for pattern in _WEIGHT_PATTERNS:
             for path in sorted(glob.glob(os.path.join(spec, pattern))):
@@ -80,7 +88,9 @@ def model_identity(spec: Any, adapter: Optional[str], seed: int) -> str:
             cfg.pop(volatile, None)
         parts.append("random-init:" + json.dumps(cfg, sort_keys=True, default=str))
         parts.append(f"seed:{seed}")
-    if adapter:
+    if adapter and hub.is_hub_id(adapter):
+        parts.append(hub.identity(adapter, "adapter_config.json", flag="--adapter"))
+    elif adapter:
         for path in sorted(glob.glob(os.path.join(adapter, "adapter_*"))):
             with open(path, "rb") as fh:
                 parts.append(hashlib.sha256(fh.read()).hexdigest())
@@ -100,15 +110,16 @@ def bnb_4bit_config():
 
 
 def load_base_model(spec: Any, *, load_in_4bit: bool = False, device: torch.device, seed: int = 42,
-                    dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-    """The transformers causal LM named by spec (checkpoint dir, config, or config JSON)."""
+                    dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
+                    trust_remote_code: bool = False) -> torch.nn.Module:
+    """The transformers causal LM named by spec (checkpoint dir, Hub id at `revision`, config, or config JSON)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(spec, torch.nn.Module):
         return spec
     if dtype is None:
         dtype = torch.bfloat16 if (device.type == "cuda" or load_in_4bit) else torch.float32
-    if isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
+    if is_checkpoint(spec):
         kwargs: dict = {"dtype": dtype}
         if load_in_4bit:
             kwargs["quantization_config"] = bnb_4bit_config()
@@ -116,7 +127,8 @@ def load_base_model(spec: Any, *, load_in_4bit: bool = False, device: torch.devi
                 kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
             else:
                 kwargs["device_map"] = {"": "cpu"}
-        model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+        model = hub.from_pretrained(AutoModelForCausalLM.from_pretrained, spec, flag="--model", revision=revision,
+                                    trust_remote_code=trust_remote_code, **kwargs)
         return model if load_in_4bit else model.to(device)
     import copy
 
@@ -132,17 +144,22 @@ def load_base_model(spec: Any, *, load_in_4bit: bool = False, device: torch.devi
         return load_base_model(tmp, load_in_4bit=True, device=device, seed=seed, dtype=dtype)
 
 
-def load_tokenizer(spec: Any, tokenizer: Optional[str]):
-    """AutoTokenizer from cfg.tokenizer or the model dir; pad token falls back to EOS (as TRL)."""
+def load_tokenizer(spec: Any, tokenizer: Optional[str], *, revision: Optional[str] = None,
+                   trust_remote_code: bool = False):
+    """AutoTokenizer from cfg.tokenizer or the model (folder or Hub id); pad token falls back to EOS (as TRL).
+
+    `revision` applies to the model's Hub id, so to the tokenizer only when it is taken from the model.
+    """
     from transformers import AutoTokenizer
 
-    path = tokenizer
+    path, flag = tokenizer, "--tokenizer"
     if path is None:
-        if isinstance(spec, str) and os.path.isdir(spec):
-            path = spec
+        if isinstance(spec, str) and (os.path.isdir(spec) or hub.is_hub_id(spec)):
+            path, flag = spec, "--model"
         else:
-            raise ValueError("tokenizer: the model is given as a config; pass a tokenizer directory")
-    tok = AutoTokenizer.from_pretrained(path)
+            raise ValueError("tokenizer: the model is given as a config; pass a tokenizer directory or Hub id")
+    tok = hub.from_pretrained(AutoTokenizer.from_pretrained, path, flag=flag,
+                              revision=revision if path == spec else None, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -188,9 +205,10 @@ def _apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) ->
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.adapter:
-        if not os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")):
+        if not hub.is_hub_id(cfg.adapter) and not os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")):
             raise ValueError(f"adapter: {cfg.adapter!r} holds no adapter_config.json")
-        model = PeftModel.from_pretrained(model, cfg.adapter, adapter_name="default", is_trainable=True)
+        with hub.hub_errors(cfg.adapter, flag="--adapter", kind="adapter"):
+            model = PeftModel.from_pretrained(model, cfg.adapter, adapter_name="default", is_trainable=True)
         if cfg.stage == "dpo" and not cfg.reference_free:
             patching.add_reference_adapter(model, source_adapter="default", name="ref")
             model.set_adapter("default")
@@ -228,10 +246,12 @@ def load_model(cfg: TrainConfig, *, model: Optional[torch.nn.Module] = None, tok
         raise ValueError("model: give a checkpoint dir or a config (or pass a model object)")
     given = model is not None
     base = model if given else load_base_model(cfg.model, load_in_4bit=cfg.load_in_4bit, device=device,
-                                                seed=cfg.seed)
+                                                seed=cfg.seed, revision=cfg.revision,
+                                                trust_remote_code=cfg.trust_remote_code)
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                      or getattr(base, "is_quantized", False))
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, cfg.tokenizer)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, cfg.tokenizer, revision=cfg.revision,
+                                                                 trust_remote_code=cfg.trust_remote_code)
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None) is not None:
         tok.pad_token = tok.eos_token
     if given:
@@ -242,7 +262,7 @@ def load_model(cfg: TrainConfig, *, model: Optional[torch.nn.Module] = None, tok
         if cfg.adapter:
             model_id += ":" + model_identity(base.config, cfg.adapter, cfg.seed)
     else:
-        model_id = model_identity(cfg.model, cfg.adapter, cfg.seed)
+        model_id = model_identity(cfg.model, cfg.adapter, cfg.seed, revision=cfg.revision)
     model_obj = prepare_model(base, cfg, quantized=quantized)
     has_ref = "ref" in getattr(model_obj, "peft_config", {})
     return LoadedModel(model=model_obj, tokenizer=tok, model_id=model_id, quantized=quantized, has_ref_adapter=has_ref)
