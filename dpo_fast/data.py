@@ -29,6 +29,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from dpo_fast.schemas import Columns, RowSchemaError, to_preference_row
+
 ON_BAD_ROW = ("skip", "error")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 ROLES = ("system", "user", "assistant", "tool")
@@ -406,8 +408,13 @@ def _check_row(value: Any) -> tuple[dict, str]:
     return out, fmt
 
 
-def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list[dict], LoadReport]:
+def load_preference_rows(source: Any, *, on_bad_row: str = "skip", columns: Optional[Columns] = None,
+                         name: Optional[str] = None) -> tuple[list[dict], LoadReport]:
     """Read preference rows from a file, a saved dataset dir, a Dataset or a list of dicts.
+
+    Rows in the schemas of dpo_fast.schemas (HH-RLHF text, a prompt string with message lists, Orca-style
+    system/question pairs) are mapped first; `columns` names the columns when they differ from the
+    standard ones. `name` labels the source in the report (default: the path, else the type).
 
     Returns rows normalized to an explicit ``prompt`` (implicit prompts extracted) with
     ``chosen``/``rejected``, plus ``row`` (the 0-based index of the source row), ``location``
@@ -418,7 +425,8 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row: expected one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+    if name is None:
+        name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
     report = LoadReport(source=name)
     rows: list[dict] = []
     for raw in _open_source(source, report):
@@ -426,7 +434,12 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list
         try:
             if raw.error is not None:
                 raise _Bad(*raw.error)
-            row, fmt = _check_row(raw.value)
+            try:
+                value, schema = to_preference_row(raw.value, columns)
+            except RowSchemaError as e:
+                raise _Bad(e.reason, e.message) from None
+            row, fmt = _check_row(value)
+            fmt = schema or fmt
         except _Bad as bad:
             if on_bad_row == "error":
                 raise BadRowError(f"{name}, {raw.location}: {bad.message} (on_bad_row='error')") from None

@@ -23,8 +23,10 @@ import torch
 
 from dpo_fast.data import (LengthGroupedBatchSampler, PreferenceCollator, example_length, load_preference_rows,
                            split_eval, tokenize_pairs)
+from dpo_fast.data_sources import DataSource, open_source, train_and_eval_sources
 from dpo_fast.dpo import compute_dpo_loss
 from dpo_fast.forward import sequence_logps
+from dpo_fast.schemas import Columns
 from dpo_fast.patching.reference import describe_reference, reference_model
 from dpo_fast.state import unwrap_parallel
 
@@ -124,15 +126,14 @@ class DPOFastTrainer:
         if par.enabled:
             torch.manual_seed(cfg.seed + 1_000_003 * par.rank)  # the processes' dropout masks differ
 
-        rows, load_report = load_preference_rows(cfg.data, on_bad_row=cfg.on_bad_row)
-        self.log(load_report.summary())
-        examples, tok_report = tokenize_pairs(rows, self.tokenizer, max_length=cfg.max_length,
-                                              max_prompt_length=cfg.max_prompt_length,
-                                              truncation_mode=cfg.truncation_mode)
-        self.log(tok_report.summary())
-        if not examples:
-            raise ValueError("data: no usable preference pairs after loading and tokenization")
-        self.train_examples, self.eval_examples = split_eval(examples, cfg.eval_fraction, seed=cfg.seed)
+        train_source, eval_source = train_and_eval_sources(
+            cfg.data, data_split=cfg.data_split, data_config=cfg.data_config, data_revision=cfg.data_revision,
+            eval_data=cfg.eval_data, eval_split=cfg.eval_split)
+        examples = self._examples(train_source)
+        if eval_source is None:
+            self.train_examples, self.eval_examples = split_eval(examples, cfg.eval_fraction, seed=cfg.seed)
+        else:
+            self.train_examples, self.eval_examples = examples, self._examples(eval_source)
         self.log(f"train pairs: {len(self.train_examples)}, eval pairs: {len(self.eval_examples)}")
         pad = self.tokenizer.pad_token_id
         self.collate = PreferenceCollator(int(pad if pad is not None else self.tokenizer.eos_token_id))
@@ -164,6 +165,23 @@ class DPOFastTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self._ready = True
         return self
+
+    def _examples(self, source: DataSource) -> List[Dict[str, Any]]:
+        """The tokenized pairs of one data source (schemas mapped, bad rows and dropped pairs reported)."""
+        cfg = self.cfg
+        columns = Columns(prompt=cfg.prompt_column, chosen=cfg.chosen_column, rejected=cfg.rejected_column,
+                          system=cfg.system_column)
+        rows, load_report = load_preference_rows(open_source(source), on_bad_row=cfg.on_bad_row, columns=columns,
+                                                 name=source.label)
+        self.log(load_report.summary())
+        examples, tok_report = tokenize_pairs(rows, self.tokenizer, max_length=cfg.max_length,
+                                              max_prompt_length=cfg.max_prompt_length,
+                                              truncation_mode=cfg.truncation_mode)
+        self.log(tok_report.summary())
+        if not examples:
+            raise ValueError(f"{source.flag.lstrip('-').replace('-', '_')}: no usable preference pairs in {source.label} after loading and "
+                             "tokenization")
+        return examples
 
     def _shuffled_batches(self, epoch: int) -> List[List[int]]:
         order = list(range(len(self.train_examples)))
