@@ -20,6 +20,7 @@ setup(
         "accelerate>=0.34",
         "safetensors>=0.4",
         "datasets>=2.20",
+        "pyyaml>=5.1",  # --config files
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "numpy>=1.24",

@@ -1,6 +1,8 @@
 """The `dpo-fast` command line: `train` (DPO), `sft`, `demo` and `bench`.
 
     dpo-fast train --model CKPT_DIR --data pairs.jsonl --output out/ [--load-in-4bit] [options]
+    dpo-fast train --model org/name --data org/dataset --data-split train_prefs --output out/
+    dpo-fast train --config run.yaml [--flag value ...]   (command-line flags override the file)
     dpo-fast sft   --model CKPT_DIR --data pairs.jsonl --output sft_out/
     dpo-fast train --model CKPT_DIR --adapter sft_out/ --data pairs.jsonl --output dpo_out/
     dpo-fast demo
@@ -16,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from dpo_fast import __version__
+from dpo_fast import __version__, config_file
+from dpo_fast.errors import UserError
 from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
 from dpo_fast.loss_types import F_DIVERGENCE_TYPES, as_loss_types
 from dpo_fast.train.config import DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
@@ -55,9 +58,14 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     d = TrainConfig(stage=stage)
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
-                   help="local transformers checkpoint dir, or a config (JSON file / dir with config.json) "
-                        "for a random-init model")
-    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
+                   help="Hugging Face Hub model id (org/name; downloaded, or read from the cache offline), a local "
+                        "transformers checkpoint dir, or a config (JSON file / dir with config.json) for a "
+                        "random-init model")
+    g.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hub --model id (and of its tokenizer)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run modelling code shipped in the model's repository (off by default)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir or Hub id (default: the model's)")
     g.add_argument("--load-in-4bit", action="store_true", help="nf4 weights, bf16 compute (QLoRA)")
     g.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
     g.add_argument("--lora-r", type=int, default=d.lora_r)
@@ -66,8 +74,8 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--target-modules", action="append", default=None,
                    help="LoRA target modules (repeatable or comma list; default: every linear layer of the blocks)")
     g.add_argument("--adapter", default=None,
-                   help="continue this LoRA adapter (e.g. from `dpo-fast sft`); its starting weights become the "
-                        "frozen 'ref' adapter")
+                   help="continue this LoRA adapter (a folder, e.g. from `dpo-fast sft`, or a Hub id); its starting "
+                        "weights become the frozen 'ref' adapter")
     g.add_argument("--no-patch", action="store_true", help="do not patch the model with dpo_fast")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
@@ -88,12 +96,30 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
                         "(same loss; fewer tokens, the more so the longer the prompts)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="JSONL, JSON, Parquet, or a `datasets` dataset saved on disk")
+    g.add_argument("--data", required=True,
+                   help="Hub dataset id (org/name, via datasets.load_dataset), JSONL, JSON, Parquet, a `datasets` "
+                        "dataset saved on disk, or a folder laid out like a dataset repository")
+    g.add_argument("--data-split", default=None,
+                   help="split of a Hub dataset or dataset folder, e.g. train_prefs (default: train, or the only one)")
+    g.add_argument("--data-config", default=None, help="configuration (subset) name of a Hub dataset")
+    g.add_argument("--data-revision", default=None, help="branch, tag or commit of a Hub dataset id")
+    g.add_argument("--eval-data", default=None,
+                   help="a separate eval set (any --data form); instead of --eval-fraction")
+    g.add_argument("--eval-split", default=None,
+                   help="split of --eval-data, or alone another split of --data, e.g. test_prefs; instead of "
+                        "--eval-fraction")
+    g.add_argument("--prompt-column", default=None,
+                   help="column holding the prompt (default: prompt, else question; see dpo_fast.schemas)")
+    g.add_argument("--chosen-column", default=None, help="column holding the chosen answer (default: chosen)")
+    g.add_argument("--rejected-column", default=None, help="column holding the rejected answer (default: rejected)")
+    g.add_argument("--system-column", default=None,
+                   help="column holding a system prompt (default: system, when the data has it)")
     g.add_argument("--max-length", type=int, default=d.max_length)
     g.add_argument("--max-prompt-length", type=int, default=None)
     g.add_argument("--truncation-mode", choices=TRUNCATION_MODES, default=d.truncation_mode)
     g.add_argument("--on-bad-row", choices=ON_BAD_ROW, default=d.on_bad_row)
-    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help="hold out this fraction of --data for evaluation (or give --eval-data / --eval-split)")
     g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
 
     if stage == "dpo":
@@ -140,11 +166,17 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--no-tensorboard", action="store_true")
 
+    config_file.add_config_arguments(p)
+
 
 def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
     """The TrainConfig a parsed `train` / `sft` command line describes."""
     fields: Dict[str, Any] = dict(
         model=args.model, tokenizer=args.tokenizer, data=args.data, output=args.output, stage=stage,
+        revision=args.revision, trust_remote_code=args.trust_remote_code, data_split=args.data_split,
+        data_config=args.data_config, data_revision=args.data_revision, eval_data=args.eval_data,
+        eval_split=args.eval_split, prompt_column=args.prompt_column, chosen_column=args.chosen_column,
+        rejected_column=args.rejected_column, system_column=args.system_column,
         load_in_4bit=args.load_in_4bit, use_lora=not args.full_finetune, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=_csv_list(args.target_modules),
         adapter=args.adapter, patch=not args.no_patch, precision=args.precision, device=args.device,
@@ -183,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpo_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,sft,demo,bench}")
     sub.required = True
-    add_train_arguments(sub.add_parser("train", help="DPO training of a local checkpoint"), "dpo")
-    add_train_arguments(sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)"), "sft")
+    parser.command_parsers = {
+        "train": sub.add_parser("train", help="DPO training of a Hub model or local checkpoint"),
+        "sft": sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)"),
+    }
+    add_train_arguments(parser.command_parsers["train"], "dpo")
+    add_train_arguments(parser.command_parsers["sft"], "sft")
     from dpo_fast.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(sub.add_parser("demo", help="built-in demo: SFT then DPO of a tiny Llama on the CPU"))
@@ -222,9 +258,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":  # forward everything, including --help, to the suite
         return run_bench(argv[1:])
     parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    file_lists: Dict[str, List[Any]] = {}
+    yaml_path = config_file.config_path(argv) if command in ("train", "sft") else None
+    if yaml_path is not None:  # the file's values become the flags' defaults: the command line overrides them
+        sub_parser = parser.command_parsers[command]
+        try:
+            file_lists = config_file.apply_config(sub_parser, config_file.read_yaml(yaml_path), yaml_path)
+        except UserError as exc:  # one line, as for every user mistake
+            print(f"dpo-fast: error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     if args.command in ("train", "sft"):
         stage = "dpo" if args.command == "train" else "sft"
+        config_file.fill_lists(args, file_lists)
+        effective = config_file.effective_config(parser.command_parsers[args.command], args)
         import torch
 
         from dpo_fast.train.cpu_threads import set_cpu_threads
@@ -232,6 +280,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         threads = torch.get_num_threads()
         try:
             config = config_from_args(args, stage)
+            if args.print_config:
+                print(config_file.to_yaml(effective, args.command), end="")
+                return 0
             set_cpu_threads(config.device, args.threads)
         except ValueError as exc:
             parser.error(str(exc))
@@ -239,6 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from dpo_fast.train.distributed import shutdown
 
         trainer = DPOFastTrainer(config)
+        if trainer.parallel.is_main:
+            config_file.write_config(effective, args.command, config.output)
         try:
             result = trainer.train()
         finally:
