@@ -100,7 +100,7 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
                    help="Hub dataset id (org/name, via datasets.load_dataset), JSONL, JSON, Parquet, a `datasets` "
                         "dataset saved on disk, or a folder laid out like a dataset repository")
     g.add_argument("--data-split", default=None,
-                   help="split of a Hub dataset or dataset folder, e.g. train_prefs (default: train, or the only one)")
+                   help="split of a Hub dataset or dataset folder, e.g. train_prefs (default: train)")
     g.add_argument("--data-config", default=None, help="configuration (subset) name of a Hub dataset")
     g.add_argument("--data-revision", default=None, help="branch, tag or commit of a Hub dataset id")
     g.add_argument("--eval-data", default=None,
@@ -290,9 +290,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from dpo_fast.train.distributed import shutdown
 
         trainer = DPOFastTrainer(config)
-        if trainer.parallel.is_main:
-            config_file.write_config(effective, args.command, config.output)
         try:
+            trainer.setup()  # model and data first: a run that cannot start leaves no output folder behind
+            if trainer.parallel.is_main:
+                config_file.write_config(effective, args.command, config.output)
             result = trainer.train()
         finally:
             torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)

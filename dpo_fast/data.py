@@ -9,7 +9,9 @@ Formats (per row, as TRL defines them):
   * standard: ``prompt``, ``chosen``, ``rejected`` strings;
   * implicit prompt: ``chosen`` and ``rejected`` only; their shared prefix becomes the prompt
     (characters for strings, whole messages for conversations), as TRL's `extract_prompt`;
-  * conversational: the same keys holding lists of ``{"role", "content"}`` messages.
+  * conversational: the same keys holding lists of ``{"role", "content"}`` messages;
+  * the published schemas of dpo_fast.schemas (HH-RLHF text, a prompt string with message
+    lists, Orca-style system/question pairs, other column names), mapped to the above first.
 
 Tokenization follows TRL 1.x's DPOTrainer: the prompt and prompt+completion are tokenized
 (plain text with the tokenizer's own special tokens, e.g. BOS; conversations through the

@@ -60,9 +60,10 @@ def test_hub_dataset_id_arguments_reach_load_dataset(checkpoint, tmp_path, monke
 
     calls.clear()  # a separate eval dataset gets its own split, not --data's configuration or revision
     trainer = trainer_for(["--model", checkpoint, "--data", "trl-lib/ultrafeedback_binarized", "--data-revision", "r1",
+                           "--data-config", "default",
                            "--eval-data", "org/other", "--eval-split", "test_prefs",
                            "--output", str(tmp_path / "o2")]).setup()
-    assert calls == [("trl-lib/ultrafeedback_binarized", {"split": "train", "revision": "r1"}),
+    assert calls == [("trl-lib/ultrafeedback_binarized", {"split": "train", "name": "default", "revision": "r1"}),
                      ("org/other", {"split": "test_prefs"})]
     assert len(trainer.eval_examples) == 3 and len(trainer.train_examples) == 3
 

@@ -43,6 +43,9 @@ def cache(tmp_path, monkeypatch):
                 p.normal_(0, 0.5)
     lora.save_pretrained(tmp_path / "adapter")
     put_in_hub_cache(cache, "org/tiny-lora", tmp_path / "adapter", ADAPTER)
+    (tmp_path / "half").mkdir()  # an interrupted download: the adapter's config is cached, its weights are not
+    (tmp_path / "half" / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    put_in_hub_cache(cache, "org/half-lora", tmp_path / "half", ADAPTER)
     return cache
 
 
@@ -127,6 +130,7 @@ def test_train_with_a_hub_adapter_offline(cache, tmp_path, capsys):
     (["--model", "org/missing"], "--model", "org/missing"),
     (["--model", "org/tiny", "--tokenizer", "org/no-tokenizer"], "--tokenizer", "org/no-tokenizer"),
     (["--model", "org/tiny", "--adapter", "org/no-adapter"], "--adapter", "org/no-adapter"),
+    (["--model", "org/tiny", "--adapter", "org/half-lora"], "--adapter", "org/half-lora"),
     (["--model", "org/tiny", "--revision", "v3"], "--model", "org/tiny"),
 ])
 def test_an_id_not_in_the_cache_offline_is_one_line(cache, tmp_path, capsys, flags, flag, repo):
