@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dpo_fast import __version__
+from dpo_fast.errors import UserError
 from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
 from dpo_fast.loss_types import F_DIVERGENCE_TYPES, as_loss_types
 from dpo_fast.train.config import DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
@@ -178,16 +179,25 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
     return TrainConfig(**fields)
 
 
+DEBUG_HELP = "show the Python traceback of an error (a user mistake prints one line without it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-fast", description="Fast, memory-lean DPO for (Q)LoRA Llama models.")
     parser.add_argument("--version", action="version", version=f"dpo_fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{train,sft,demo,bench}")
     sub.required = True
-    add_train_arguments(sub.add_parser("train", help="DPO training of a local checkpoint"), "dpo")
-    add_train_arguments(sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)"), "sft")
+    # --debug after the command too; SUPPRESS keeps a subcommand's default from hiding `dpo-fast --debug train`
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    add_train_arguments(sub.add_parser("train", help="DPO training of a local checkpoint", parents=[debug]), "dpo")
+    add_train_arguments(sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)",
+                                       parents=[debug]), "sft")
     from dpo_fast.demo import add_arguments as add_demo_arguments
 
-    add_demo_arguments(sub.add_parser("demo", help="built-in demo: SFT then DPO of a tiny Llama on the CPU"))
+    add_demo_arguments(sub.add_parser("demo", help="built-in demo: SFT then DPO of a tiny Llama on the CPU",
+                                      parents=[debug]))
     bench = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks ...)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
@@ -217,12 +227,37 @@ def run_bench(bench_args: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the `dpo-fast` console script; returns the exit status."""
+    """Entry point of the `dpo-fast` console script; returns the exit status.
+
+    A user mistake (`dpo_fast.errors.UserError`) prints one line, ``dpo-fast: error: ...``, and returns 2
+    (argparse's status for a bad command line); with --debug it raises, traceback and all. Any other
+    exception is an internal error and propagates.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # forward everything, including --help, to the suite
         return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args, argv)
+    except UserError as exc:
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _explicit_loss_options(args: argparse.Namespace) -> List[str]:
+    """The loss options the command line set by name (each must be read by one of the loss types)."""
+    names = [key for key, _ in getattr(args, "loss_kwarg", [])]
+    if getattr(args, "simpo_gamma", None) is not None:
+        names.append("simpo_gamma")
+    return names
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the parsed command (main() turns a UserError into one line)."""
     if args.command in ("train", "sft"):
         stage = "dpo" if args.command == "train" else "sft"
         import torch
@@ -233,8 +268,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             config = config_from_args(args, stage)
             set_cpu_threads(config.device, args.threads)
+        except UserError:
+            raise
         except ValueError as exc:
             parser.error(str(exc))
+        from dpo_fast.train.preflight import check_before_loading
+
+        check_before_loading(config, explicit_loss_options=_explicit_loss_options(args))  # before any loading
         from dpo_fast.train import DPOFastTrainer
         from dpo_fast.train.distributed import shutdown
 

@@ -53,13 +53,14 @@ from ..state import is_patched_lora, lora_bypassed, prefix_sharing_enabled, reco
 from . import checkpointing as layer_checkpointing
 from .checkpointing import END, MID, mid_residual, output_unread
 from .options import BodyOptions
+from .support import FAMILIES
 
 __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled", "lora_bypassed", "is_patched_lora"]
 
 #: The switches of patch_body, in the order they are reported.
 BODY_KERNELS = BodyOptions.names()
 
-_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+_FAMILIES = tuple(FAMILIES.values())
 _NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
 _MLP_CLASSES = {f"{f}MLP" for f in _FAMILIES}
 _ATTN_CLASSES = {f"{f}Attention" for f in _FAMILIES}

@@ -9,21 +9,21 @@ default for these models.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from ..errors import UserError
 from ..state import unwrap_parallel
 
-SUPPORTED_MODEL_TYPES: Tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_CLASSES: Tuple[str, ...] = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+#: The model families dpo_fast handles: config.model_type -> the transformers class-name prefix
+#: (LlamaForCausalLM, LlamaDecoderLayer, LlamaRMSNorm, ...). Every other list of what is supported,
+#: here and in the body patch, is derived from this table.
+FAMILIES: Dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(FAMILIES)
+SUPPORTED_CLASSES: Tuple[str, ...] = tuple(f"{prefix}ForCausalLM" for prefix in FAMILIES.values())
 SUPPORTED_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_QUANTIZATION = "none, bitsandbytes 4-bit (nf4/fp4, optional double quant), bitsandbytes 8-bit"
 SUPPORTED_PEFT = "none, or a peft PeftModel with LoRA adapters"
@@ -40,8 +40,11 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
-class UnsupportedModelError(TypeError):
-    """Raised for a model `dpo_fast.patch` cannot handle; the message lists what is supported."""
+class UnsupportedModelError(TypeError, UserError):
+    """Raised for a model `dpo_fast.patch` cannot handle; the message lists what is supported.
+
+    A TypeError (the model is of the wrong kind) and a `UserError` (the command line prints it as one line).
+    """
 
 
 def _unsupported(reason: str) -> UnsupportedModelError:
@@ -96,14 +99,32 @@ def check_lm_head(causal_lm: nn.Module) -> nn.Linear:
     return head
 
 
+def architecture_problem(model_type: Any, class_name: Optional[str]) -> Optional[str]:
+    """Why a model of this config.model_type / class is outside dpo_fast's families, or None when it is in."""
+    if model_type in SUPPORTED_MODEL_TYPES and (class_name is None or class_name in SUPPORTED_CLASSES):
+        return None
+    return f"unsupported architecture {class_name or '?'} (model_type={model_type!r})"
+
+
+def check_config_supported(config: Any, architectures: Optional[Sequence[str]] = None) -> None:
+    """Raise UnsupportedModelError when a model config (a PretrainedConfig or its dict) names an
+    architecture outside `FAMILIES`; checks what loading the weights would only tell later."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    archs = architectures if architectures is not None else (get("architectures") or [])
+    problem = architecture_problem(get("model_type"), archs[0] if archs else None)
+    if problem:
+        raise _unsupported(problem)
+
+
 def check_supported(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
     """Validate `model` and return (causal_lm, peft_model_or_None); raise UnsupportedModelError otherwise."""
     causal_lm, peft_model = unwrap_causal_lm(model)
     config = getattr(causal_lm, "config", None)
     model_type = getattr(config, "model_type", None)
     cls = type(causal_lm).__name__
-    if model_type not in SUPPORTED_MODEL_TYPES or cls not in SUPPORTED_CLASSES:
-        raise _unsupported(f"unsupported architecture {cls} (model_type={model_type!r})")
+    problem = architecture_problem(model_type, cls)
+    if problem:
+        raise _unsupported(problem)
     for attr in _LOGIT_TRANSFORMS:
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):

@@ -19,6 +19,8 @@ from typing import Any, List, Optional
 import torch
 
 from dpo_fast import patching
+from dpo_fast.errors import UserError
+from dpo_fast.patching.support import check_supported
 
 from .config import TrainConfig
 
@@ -141,7 +143,8 @@ def load_tokenizer(spec: Any, tokenizer: Optional[str]):
         if isinstance(spec, str) and os.path.isdir(spec):
             path = spec
         else:
-            raise ValueError("tokenizer: the model is given as a config; pass a tokenizer directory")
+            raise UserError("tokenizer: the model is given as a config (random init), which has no tokenizer; "
+                            "pass a tokenizer directory (--tokenizer DIR)")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -189,7 +192,8 @@ def _apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) ->
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.adapter:
         if not os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")):
-            raise ValueError(f"adapter: {cfg.adapter!r} holds no adapter_config.json")
+            raise UserError(f"adapter: {cfg.adapter!r} holds no adapter_config.json; give the folder a LoRA run "
+                            "(dpo-fast sft / peft's save_pretrained) wrote")
         model = PeftModel.from_pretrained(model, cfg.adapter, adapter_name="default", is_trainable=True)
         if cfg.stage == "dpo" and not cfg.reference_free:
             patching.add_reference_adapter(model, source_adapter="default", name="ref")
@@ -229,6 +233,7 @@ def load_model(cfg: TrainConfig, *, model: Optional[torch.nn.Module] = None, tok
     given = model is not None
     base = model if given else load_base_model(cfg.model, load_in_4bit=cfg.load_in_4bit, device=device,
                                                 seed=cfg.seed)
+    check_supported(base)  # before LoRA: an unsupported model is named as such, not by a LoRA-target error
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                      or getattr(base, "is_quantized", False))
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, cfg.tokenizer)

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from dpo_fast.data import (LengthGroupedBatchSampler, PreferenceCollator, example_length, load_preference_rows,
-                           split_eval, tokenize_pairs)
+                           require_rows, split_eval, tokenize_pairs)
 from dpo_fast.dpo import compute_dpo_loss
+from dpo_fast.errors import UserError
 from dpo_fast.forward import sequence_logps
 from dpo_fast.patching.reference import describe_reference, reference_model
 from dpo_fast.state import unwrap_parallel
@@ -103,6 +104,9 @@ class DPOFastTrainer:
         cfg = self.cfg
         par = self.parallel
         seed_everything(cfg.seed)
+        # the rows first: a data file without usable rows fails in seconds, before the model loads
+        rows, load_report = load_preference_rows(cfg.data, on_bad_row=cfg.on_bad_row)
+        require_rows(load_report)
         if cfg.fsdp:
             from .fsdp import load_sharded_model
 
@@ -124,14 +128,14 @@ class DPOFastTrainer:
         if par.enabled:
             torch.manual_seed(cfg.seed + 1_000_003 * par.rank)  # the processes' dropout masks differ
 
-        rows, load_report = load_preference_rows(cfg.data, on_bad_row=cfg.on_bad_row)
         self.log(load_report.summary())
         examples, tok_report = tokenize_pairs(rows, self.tokenizer, max_length=cfg.max_length,
                                               max_prompt_length=cfg.max_prompt_length,
                                               truncation_mode=cfg.truncation_mode)
         self.log(tok_report.summary())
         if not examples:
-            raise ValueError("data: no usable preference pairs after loading and tokenization")
+            raise UserError(f"data: none of the {tok_report.n_in} pairs is left after tokenization with "
+                            f"max_length={cfg.max_length} ({tok_report.summary().splitlines()[0]})")
         self.train_examples, self.eval_examples = split_eval(examples, cfg.eval_fraction, seed=cfg.seed)
         self.log(f"train pairs: {len(self.train_examples)}, eval pairs: {len(self.eval_examples)}")
         pad = self.tokenizer.pad_token_id
