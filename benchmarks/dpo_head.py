@@ -1,4 +1,4 @@
-"""Issue 3's benchmark: the fused DPO head (`fused_linear_dpo_loss` vs Liger, TRL-style, materialized).
+"""The DPO head benchmark: the fused DPO head (`fused_linear_dpo_loss` vs Liger, TRL-style, materialized).
 
     python benchmarks/dpo_head.py [--shapes llama-3.1-8b] [--pairs-seq 2x512 4x2048 8x4096] ...
 

@@ -1,4 +1,4 @@
-"""Issue 2's benchmark: the fused log-prob head alone (`linear_log_probs` vs the alternatives).
+"""The log-prob head benchmark: the fused log-prob head alone (`linear_log_probs` vs the alternatives).
 
     python benchmarks/head.py [--shapes llama-3.1-8b] [--tokens 1024 8192] [--modes frozen trainable] ...
 

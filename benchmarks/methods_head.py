@@ -2,9 +2,9 @@
 
 Two kinds of case:
   * ``logps``: hidden [N, d], weight [V, d], labels [N] (all scored); the loss is the sum of the
-    per-token log-probs (what `dpo_fast.linear_log_probs` computes). Issue 2's benchmark.
+    per-token log-probs (what `dpo_fast.linear_log_probs` computes): benchmarks/head.py.
   * ``dpo``: hidden [2B, T, d] with the B chosen rows first, labels -100 on the prompt quarter of
-    each row, a sigmoid DPO loss with precomputed reference log-probs. Issue 3's benchmark.
+    each row, a sigmoid DPO loss with precomputed reference log-probs: benchmarks/dpo_head.py.
 Each runs with the weight frozen (the QLoRA case) and trainable.
 
 A method is a `HeadMethod`: `unavailable(device)` says why it cannot run (import failed, needs

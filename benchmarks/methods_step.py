@@ -9,29 +9,15 @@ the decoder's linear layers are bitsandbytes 4-bit NF4 when CUDA is present (QLo
 otherwise; LoRA r=16 on all attention/MLP projections (peft); gradient checkpointing on; lm_head
 frozen and unquantized, as in a QLoRA DPO run.
 
-Methods, each only if importable:
-  naive         unpatched transformers + peft: materialized logits, fp32 log_softmax, gather
-  trl           TRL 1.x DPOTrainer's loss path: trl.trainer.utils.add_fused_lm_head + fused_lm_head=True
-  liger         backbone hidden states + Liger's LigerFusedLinearDPOLoss (reference head on the fly)
-  cce           backbone hidden states + Cut Cross-Entropy per-token NLL summed per sequence
-  dpo_fast      dpo_fast.patch(model) (head + body kernels, patch()'s defaults) + dpo_fast.compute_dpo_loss
-  dpo_fast_head dpo_fast.patch(model, body=False): the fused head only
-  dpo_fast_rms_norm, dpo_fast_rope, dpo_fast_swiglu, dpo_fast_qlora_linear, dpo_fast_offload,
-  dpo_fast_prefix_sharing
-                the fused head plus ONE group of body kernels (patch(model, <group>=True, others False);
-                dpo_fast_offload = offloaded gradient checkpointing only; dpo_fast_prefix_sharing = each
-                pair as one row [prompt | chosen | rejected] only): what each group buys on its own
-  dpo_fast_all  every switch on: head + all body kernels + offloaded checkpointing + prefix sharing
-  dpo_fast_all_unshared  dpo_fast_all without prefix sharing
-  dpo_fast_all_no_tail_skip  dpo_fast_all with recompute_tail_skip=False: the checkpoint recompute runs
-                down_proj and o_proj in full, as before dpo_fast.patching.checkpointing (what the skips buy)
-  dpo_fast_no_checkpointing  every kernel and prefix sharing with gradient checkpointing off: what skipping
-                the recompute would buy, at the memory of keeping every layer's activations
-  dpo_fast_precomputed_ref  dpo_fast with reference log-probs precomputed (no reference forward)
+Methods: `METHODS` below, one row per name: the loss path (unpatched baselines: naive, TRL's fused
+head, Liger, Cut Cross-Entropy; or dpo_fast.patch + compute_dpo_loss), the `BodyOptions` patch applies,
+and whether the reference log-probs are precomputed or gradient checkpointing is off. A method whose
+packages are not importable is reported as skipped. What patch really changed (`patch_report`) is
+recorded with each cell, and a body switch that changed no module fails the cell.
 
-Issue 6's comparison (`benchmarks/step.py` by default, `BODY_STEP_METHODS`): the unpatched baselines
-(naive, trl) against dpo_fast_head, each group on its own, dpo_fast and dpo_fast_all, with
-`vs_baseline` giving each method's time and memory as a fraction of the unpatched TRL step.
+`BODY_STEP_METHODS` (benchmarks/step.py's default) compares the unpatched baselines with the fused
+head alone, each body group on its own, patch()'s defaults and everything on; `vs_baseline` gives
+each method's time and memory as a fraction of the unpatched TRL step.
 """
 from __future__ import annotations
 
@@ -39,7 +25,7 @@ import contextlib
 import importlib
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -50,6 +36,8 @@ from benchmarks.common import (Cell, ERROR, OK, OOM, fmt_cap, free_memory, is_oo
                                skipped)
 from benchmarks.common import needs as _needs
 from benchmarks.models import ModelShape, get_model
+from dpo_fast.forward import backbone_hidden
+from dpo_fast.patching import BodyOptions, patch, patch_report, unpatch
 
 BETA = 0.1
 IGNORE = -100
@@ -214,9 +202,8 @@ def _trl_seq_logps(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Te
 
 
 def _backbone_hidden(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    causal_lm = model.get_base_model()
-    body = getattr(causal_lm, causal_lm.base_model_prefix)
-    return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    """The last hidden states of the peft model's decoder stack (the input of the losses that take the head)."""
+    return backbone_hidden(model.get_base_model(), input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 def _cce_seq_logps(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -313,40 +300,44 @@ def _trl_patch(model: nn.Module) -> Iterator[None]:
             del causal_lm.forward
 
 
-def _body_counts(model: nn.Module) -> Optional[Dict[str, int]]:
-    """How many modules each body switch swapped (read from patch_body's record; None if absent)."""
-    holder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    state = holder.__dict__.get("_dpo_fast_body")
-    return dict(state["counts"]) if isinstance(state, dict) and "counts" in state else None
+#: Switches that act only together with another one: in a one-group method they follow that switch.
+_PART_OF = {"nf4_dequant": "qlora_linear", "recompute_tail_skip": "qlora_linear"}
 
 
-def _dpo_fast_patch(body: bool, **body_options: bool):
-    """Context manager factory: dpo_fast.patch(model, body=body, **body_options) for the block.
+def only(switch: str) -> BodyOptions:
+    """The body options of one group on its own: `switch` (and what is part of it) on, everything else off."""
+    return BodyOptions(**{n: n == switch or _PART_OF.get(n) == switch for n in BodyOptions.names()})
 
-    Yields {"patched_modules": counts} (None without body kernels). A body switch that is on but swapped
-    no module raises: the cell would otherwise silently measure the unpatched body under that name.
+
+def _dpo_fast_patch(body: Optional[BodyOptions]):
+    """Context manager factory: dpo_fast.patch with `body` (None: the fused head only) for the block.
+
+    Yields what `patch_report` says was applied: {"body": the options in effect (False: head only),
+    "patched_modules": modules changed per switch}. A switch that is on but changed no module raises:
+    the cell would otherwise silently measure the unpatched body under that name.
     """
     @contextlib.contextmanager
-    def ctx(model: nn.Module) -> Iterator[Optional[Dict[str, Any]]]:
-        import dpo_fast.patching as patching
-
+    def ctx(model: nn.Module) -> Iterator[Dict[str, Any]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            patching.patch(model, body=body, **body_options)
+            patch(model, body=body is not None, **(body.as_dict() if body is not None else {}))
         try:
-            counts = _body_counts(model) if body else None
-            if body and counts is not None:
-                wanted = {**patching.BODY_OPTIONS, **body_options}
-                # the tail skip and the nf4 dequantize are part of the QLoRA linear: nothing to count without
-                # it (nor the dequantize without 4-bit layers)
-                wanted["recompute_tail_skip"] = wanted["recompute_tail_skip"] and wanted["qlora_linear"]
-                wanted["nf4_dequant"] = wanted["nf4_dequant"] and wanted["qlora_linear"] and _has_4bit(model)
-                empty = [k for k, on in wanted.items() if on and not counts.get(k)]
-                if empty:
-                    raise RuntimeError(f"dpo_fast.patch swapped no module for {empty} (counts {counts})")
-            yield None if counts is None else {"patched_modules": counts}
+            report = patch_report(model)
+            if report is None or report.body != body:
+                raise RuntimeError(f"dpo_fast.patch applied {report and report.body}, asked for {body}")
+            if body is None:
+                yield {"body": False}
+                return
+            wanted = body.as_dict()
+            for part, owner in _PART_OF.items():  # nothing to count without the switch they are part of
+                wanted[part] = wanted[part] and wanted[owner]
+            wanted["nf4_dequant"] = wanted["nf4_dequant"] and _has_4bit(model)
+            empty = [k for k, on in wanted.items() if on and not report.counts.get(k)]
+            if empty:
+                raise RuntimeError(f"dpo_fast.patch changed no module for {empty} (counts {report.counts})")
+            yield {"body": report.body.as_dict(), "patched_modules": dict(report.counts)}
         finally:
-            patching.unpatch(model)
+            unpatch(model)
 
     return ctx
 
@@ -372,15 +363,67 @@ def _no_checkpointing(install: Callable[[nn.Module], Any]) -> Callable[[nn.Modul
     return ctx
 
 
+# ---------------------------------------------------------------------------------- the methods, as data
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One named way to run the step.
+
+    loss: the loss path: "naive", "trl", "liger", "cce" (unpatched baselines, see `_LOSS_PATHS`) or
+        "dpo_fast" (dpo_fast.patch + compute_dpo_loss).
+    body: with "dpo_fast", the body options patch applies; None patches the fused head only (body=False).
+    precomputed_ref: the batch carries reference log-probs (no reference forward).
+    checkpointing: False turns every layer's gradient checkpointing off for the step (no recompute).
+    """
+
+    description: str
+    loss: str
+    body: Optional[BodyOptions] = None
+    precomputed_ref: bool = False
+    checkpointing: bool = True
+
+
 #: One body group per method: (method name, patch() switch). Each runs with the fused head and only it.
 BODY_GROUPS = (("dpo_fast_rms_norm", "rms_norm"), ("dpo_fast_rope", "rope"), ("dpo_fast_swiglu", "swiglu"),
                ("dpo_fast_qlora_linear", "qlora_linear"), ("dpo_fast_offload", "offload_checkpointing"),
                ("dpo_fast_prefix_sharing", "prefix_sharing"))
-_ALL_BODY_SWITCHES = ("rms_norm", "rope", "swiglu", "qlora_linear", "offload_checkpointing", "prefix_sharing")
+#: Every switch on: the body kernels, offloaded checkpointing and prefix sharing.
+ALL_ON = BodyOptions(**{n: True for n in BodyOptions.names()})
 
+METHODS: Dict[str, MethodSpec] = {
+    "naive": MethodSpec("unpatched transformers+peft: materialized logits, fp32 log_softmax, gather", "naive"),
+    "trl": MethodSpec("TRL 1.x DPOTrainer's loss path (add_fused_lm_head, fused_lm_head=True)", "trl"),
+    "liger": MethodSpec("Liger's LigerFusedLinearDPOLoss on backbone hidden states, reference head on the fly",
+                        "liger"),
+    "cce": MethodSpec("Cut Cross-Entropy per-token NLL on backbone hidden states, summed per sequence", "cce"),
+    "dpo_fast": MethodSpec("dpo_fast.patch(model) (head + body kernels, patch()'s defaults) + compute_dpo_loss",
+                           "dpo_fast", BodyOptions()),
+    "dpo_fast_head": MethodSpec("dpo_fast.patch(model, body=False): the fused head only", "dpo_fast"),
+    "dpo_fast_precomputed_ref": MethodSpec("dpo_fast with precomputed reference log-probs (no reference forward)",
+                                           "dpo_fast", BodyOptions(), precomputed_ref=True),
+    **{name: MethodSpec(f"the fused head + the {switch} body group only (what it buys on its own)", "dpo_fast",
+                        only(switch)) for name, switch in BODY_GROUPS},
+    "dpo_fast_all": MethodSpec("every switch on: head, body kernels, offloaded checkpointing, prefix sharing",
+                               "dpo_fast", ALL_ON),
+    "dpo_fast_no_checkpointing": MethodSpec(
+        "every kernel and prefix sharing, gradient checkpointing off: what skipping the recompute would buy, "
+        "at the memory of keeping every layer's activations", "dpo_fast",
+        replace(ALL_ON, offload_checkpointing=False), checkpointing=False),
+    "dpo_fast_all_no_tail_skip": MethodSpec(
+        "dpo_fast_all with the checkpoint recompute running down_proj and o_proj in full (what the skips buy)",
+        "dpo_fast", replace(ALL_ON, recompute_tail_skip=False)),
+    "dpo_fast_all_unshared": MethodSpec("dpo_fast_all without prefix sharing", "dpo_fast",
+                                        replace(ALL_ON, prefix_sharing=False)),
+}
 
-def _only(switch: str) -> Dict[str, bool]:
-    return {k: k == switch for k in _ALL_BODY_SWITCHES}
+#: The unpatched loss paths: (unavailable, install, make) each.
+_LOSS_PATHS = {
+    "naive": (lambda dev: None, _no_patch, _two_pass_step(_naive_seq_logps)),
+    "trl": (_needs("trl.trainer.utils"), _trl_patch, _two_pass_step(_trl_seq_logps)),
+    "liger": (_needs("liger_kernel.chunked_loss"), _no_patch, _liger_make),
+    "cce": (_needs("cut_cross_entropy", cuda=True), _no_patch, _two_pass_step(_cce_seq_logps)),
+}
 
 
 @dataclass
@@ -390,7 +433,23 @@ class StepMethod:
     install: Callable[[nn.Module], Any]  # context manager factory: patches the model for the block
     make: Callable[[nn.Module, Dict[str, torch.Tensor], torch.optim.Optimizer], Callable[[], None]]
     description: str = ""
-    options: Dict[str, Any] = field(default_factory=dict)
+    options: Dict[str, Any] = field(default_factory=dict)  # recorded with each cell
+
+
+def step_method(name: str, spec: MethodSpec) -> StepMethod:
+    """The runnable method of one table row."""
+    if spec.loss == "dpo_fast":
+        unavailable, install, make = (_needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(spec.body),
+                                      _dpo_fast_make(spec.precomputed_ref))
+    elif spec.body is None and not spec.precomputed_ref:
+        unavailable, install, make = _LOSS_PATHS[spec.loss]
+    else:
+        raise ValueError(f"{name}: only the dpo_fast loss path takes body options or a precomputed reference")
+    if not spec.checkpointing:
+        install = _no_checkpointing(install)
+    options = {"ref": "precomputed" if spec.precomputed_ref else "on the fly",
+               "gradient_checkpointing": spec.checkpointing}
+    return StepMethod(name, unavailable, install, make, spec.description, options)
 
 
 STEP_REGISTRY: Dict[str, StepMethod] = {}
@@ -401,50 +460,13 @@ def register(method: StepMethod) -> None:
     STEP_REGISTRY[method.name] = method
 
 
-for _m in (
-    StepMethod("naive", lambda dev: None, _no_patch, _two_pass_step(_naive_seq_logps),
-               "unpatched transformers+peft, materialized logits"),
-    StepMethod("trl", _needs("trl.trainer.utils"), _trl_patch, _two_pass_step(_trl_seq_logps),
-               "TRL 1.x DPOTrainer loss path (add_fused_lm_head, fused_lm_head=True)"),
-    StepMethod("liger", _needs("liger_kernel.chunked_loss"), _no_patch, _liger_make,
-               "Liger LigerFusedLinearDPOLoss on backbone hidden states, reference on the fly"),
-    StepMethod("cce", _needs("cut_cross_entropy", cuda=True), _no_patch, _two_pass_step(_cce_seq_logps),
-               "Cut Cross-Entropy per-token NLL, summed per sequence"),
-    StepMethod("dpo_fast", _needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(True), _dpo_fast_make(False),
-               "dpo_fast.patch (head + body kernels) + compute_dpo_loss", {"body": True, "ref": "on the fly"}),
-    StepMethod("dpo_fast_head", _needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(False),
-               _dpo_fast_make(False), "dpo_fast.patch(body=False): fused head only",
-               {"body": False, "ref": "on the fly"}),
-    StepMethod("dpo_fast_precomputed_ref", _needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(True),
-               _dpo_fast_make(True), "dpo_fast with precomputed reference log-probs",
-               {"body": True, "ref": "precomputed"}),
-    *(StepMethod(_name, _needs("dpo_fast.dpo", "dpo_fast.patching"), _dpo_fast_patch(True, **_only(_switch)),
-                 _dpo_fast_make(False), f"fused head + the {_switch} body group only",
-                 {"body": f"{_switch} only", "ref": "on the fly"})
-      for _name, _switch in BODY_GROUPS),
-    StepMethod("dpo_fast_all", _needs("dpo_fast.dpo", "dpo_fast.patching"),
-               _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
-               "fused head + every body kernel + offloaded checkpointing + prefix sharing",
-               {"body": "all + offload_checkpointing + prefix_sharing", "ref": "on the fly"}),
-    StepMethod("dpo_fast_no_checkpointing", _needs("dpo_fast.dpo", "dpo_fast.patching"),
-               _no_checkpointing(_dpo_fast_patch(True, **{k: k != "offload_checkpointing" for k in _ALL_BODY_SWITCHES})),
-               _dpo_fast_make(False), "every body kernel + prefix sharing, gradient checkpointing off (no recompute)",
-               {"body": "all + prefix_sharing, no checkpointing", "ref": "on the fly"}),
-    StepMethod("dpo_fast_all_no_tail_skip", _needs("dpo_fast.dpo", "dpo_fast.patching"),
-               _dpo_fast_patch(True, **{k: True for k in _ALL_BODY_SWITCHES}, recompute_tail_skip=False),
-               _dpo_fast_make(False), "dpo_fast_all with the recompute running down_proj and o_proj in full (what the skips buy)",
-               {"body": "all + offload_checkpointing + prefix_sharing, no tail skip", "ref": "on the fly"}),
-    StepMethod("dpo_fast_all_unshared", _needs("dpo_fast.dpo", "dpo_fast.patching"),
-               _dpo_fast_patch(True, **{k: k != "prefix_sharing" for k in _ALL_BODY_SWITCHES}), _dpo_fast_make(False),
-               "dpo_fast_all without prefix sharing (what dpo_fast_all was before prefix sharing)",
-               {"body": "all + offload_checkpointing", "ref": "on the fly"}),
-):
-    register(_m)
+for _name, _spec in METHODS.items():
+    register(step_method(_name, _spec))
 
 #: What --quick runs at the step level (the options rows are opt-in through --methods).
 QUICK_STEP_METHODS = ("naive", "trl", "liger", "cce", "dpo_fast")
-#: Issue 6's step comparison (benchmarks/step.py's default): unpatched baselines, the head alone, each
-#: body group on its own (with the head), patch()'s defaults, everything.
+#: The step comparison (benchmarks/step.py's default): unpatched baselines, the head alone, each body group on
+#: its own (with the head), patch()'s defaults, everything.
 BODY_STEP_METHODS = ("naive", "trl", "dpo_fast_head") + tuple(n for n, _ in BODY_GROUPS) + ("dpo_fast", "dpo_fast_all")
 #: The unpatched baseline the body comparison divides by, in order of preference.
 BASELINES = ("trl", "naive")
@@ -521,9 +543,9 @@ def run_step(cases: Sequence[Dict[str, Any]], device: torch.device, dtype: torch
                     cells.append(Cell("step", label, name, tokens, status=OOM if is_oom(build_error) else ERROR,
                                       note=f"model build: {type(build_error).__name__}: {str(build_error)[:120]}"))
                     continue
-                params = dict(case, quantized_4bit=quantized, dtype=str(dtype).replace("torch.", ""),
-                              lora_r=16, gradient_checkpointing=True, cap_gb=cap_gb,
-                              prompt_fraction=prompt_fraction, **method.options)
+                params = {**case, "quantized_4bit": quantized, "dtype": str(dtype).replace("torch.", ""),
+                          "lora_r": 16, "gradient_checkpointing": True, "cap_gb": cap_gb,
+                          "prompt_fraction": prompt_fraction, **method.options}
                 cell = _measure_cell(model, method, shape, case, label, tokens, device, params, warmup, repeats,
                                      cap_gb)
                 log(f"  step {label:40s} {name:26s} {cell.status:7s} "
@@ -574,7 +596,7 @@ def vs_baseline(cells: Sequence[Cell], baselines: Sequence[str] = BASELINES) -> 
     """Each step cell's time, tokens/s and peak memory as a fraction of the unpatched baseline's.
 
     The baseline of a case is the first of `baselines` measured ok in that case (TRL's loss path on an
-    unpatched model, else naive). Issue 6's target reads: dpo_fast_all (or dpo_fast) time_vs_base <= 0.5
+    unpatched model, else naive). The 8B step target reads: dpo_fast_all (or dpo_fast) time_vs_base <= 0.5
     and memory_vs_base <= 0.5 at the 8B shape. memory_vs_base uses the peak above the model, batch and
     optimizer state (peak extra); total_vs_base the absolute peak allocated (GPU only).
     """
@@ -622,5 +644,5 @@ def format_vs_baseline(rows: Sequence[Dict[str, Any]]) -> str:
             lines.append("-" * len(lines[-1]))
     lines.append("time/base, mem/base: the method's median step time / peak extra memory (above model, batch and "
                  "optimizer state) divided by the baseline's; total/base: absolute peak allocated (GPU only). "
-                 "Issue 6 target at the 8B shape: all kernels on <= 0.5 for time and memory.")
+                 "The 8B step target: all kernels on at <= 0.5 of the baseline for time and memory.")
     return "\n".join(lines)

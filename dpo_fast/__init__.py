@@ -10,6 +10,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# before anything imports bitsandbytes (peft does): keep its probe for an optional package quiet
+from dpo_fast._bnb import quiet_optional_kernel_probe as _quiet_bnb_probe  # noqa: E402
+
+_quiet_bnb_probe()
+
 # public name -> module that defines it
 _EXPORTS = {
     "linear_log_probs": "dpo_fast.ops.linear_log_probs",

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -69,7 +71,14 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--no-patch", action="store_true", help="do not patch the model with dpo_fast")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
-    g.add_argument("--device", default=d.device)
+    g.add_argument("--device", default=d.device,
+                   help="auto: cuda when available, else cpu; under torchrun each process takes cuda:LOCAL_RANK")
+    g.add_argument("--fsdp", action="store_true",
+                   help="several processes (torchrun / accelerate launch): shard the model over them (FSDP2) "
+                        "instead of one replica each; LoRA only (4-bit bases included)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads of a CPU run (default 1, unless OMP_NUM_THREADS is set: small models run "
+                        "fastest on one thread and a busy core slows several threads down many times over)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--offload-checkpointing", action="store_true",
                    help="gradient checkpointing with the saved layer inputs offloaded to pinned CPU memory "
@@ -139,6 +148,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         load_in_4bit=args.load_in_4bit, use_lora=not args.full_finetune, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=_csv_list(args.target_modules),
         adapter=args.adapter, patch=not args.no_patch, precision=args.precision, device=args.device,
+        fsdp=args.fsdp,
         gradient_checkpointing=args.gradient_checkpointing, offload_checkpointing=args.offload_checkpointing,
         prefix_sharing=getattr(args, "prefix_sharing", False),
         max_length=args.max_length,
@@ -215,13 +225,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train", "sft"):
         stage = "dpo" if args.command == "train" else "sft"
+        import torch
+
+        from dpo_fast.train.cpu_threads import set_cpu_threads
+
+        threads = torch.get_num_threads()
         try:
             config = config_from_args(args, stage)
+            set_cpu_threads(config.device, args.threads)
         except ValueError as exc:
             parser.error(str(exc))
-        from dpo_fast.train import train
+        from dpo_fast.train import DPOFastTrainer
+        from dpo_fast.train.distributed import shutdown
 
-        result = train(config)
+        trainer = DPOFastTrainer(config)
+        try:
+            result = trainer.train()
+        finally:
+            torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)
+        parallel = trainer.parallel
+        del trainer  # the DDP / FSDP model holds the process group: free it before the group is destroyed
+        gc.collect()
+        shutdown(parallel)
+        if not parallel.is_main:  # the main process reports for all
+            return 130 if result.interrupted else 0
         summary = {k: v for k, v in {**result.train_metrics, **result.eval_metrics}.items()
                    if k in ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss",
                             "eval_rewards/accuracies", "eval_rewards/margins")}
@@ -233,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo":
         from dpo_fast.demo import run_demo, settings_from_args
 
-        run_demo(settings_from_args(args))
+        run_demo(settings_from_args(args), command=" ".join(["dpo-fast"] + [shlex.quote(a) for a in argv]))
         return 0
     if args.command == "bench":
         return run_bench(args.bench_args)

@@ -33,6 +33,7 @@ ON_BAD_ROW = ("skip", "error")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 ROLES = ("system", "user", "assistant", "tool")
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class BadRowError(ValueError):
@@ -93,7 +94,7 @@ class LoadReport:
 
 @dataclass
 class TokenizeReport:
-    """What `tokenize_pairs` kept, truncated and dropped."""
+    """What `tokenize_pairs` kept, truncated and dropped (dropped pairs by "row" id and by source location)."""
 
     n_in: int = 0
     n_kept: int = 0
@@ -104,6 +105,7 @@ class TokenizeReport:
     dropped_identical_after_truncation: list[int] = field(default_factory=list)  # cut to chosen == rejected
     dropped_empty_completion: list[int] = field(default_factory=list)  # a completion tokenized to nothing
     max_length: Optional[int] = None
+    locations: dict[int, str] = field(default_factory=dict)  # "row" id -> "line 7" / "row 6", for dropped pairs
 
     @property
     def n_dropped(self) -> int:
@@ -113,8 +115,14 @@ class TokenizeReport:
             + len(self.dropped_empty_completion)
         )
 
-    def summary(self) -> str:
-        """One line for the console."""
+    def where(self, row_ids: Sequence[int], max_listed: int = 5) -> str:
+        """The first `max_listed` locations of `row_ids`, e.g. "line 3, line 9, ... and 4 more"."""
+        shown = [self.locations.get(r, f"row {r}") for r in row_ids[:max_listed]]
+        more = len(row_ids) - len(shown)
+        return ", ".join(shown) + (f", ... and {more} more" if more > 0 else "")
+
+    def summary(self, max_listed: int = 5) -> str:
+        """One line for the console (plus one line per kind of dropped pair, naming where they are)."""
         text = (
             f"tokenized {self.n_in} pairs: kept {self.n_kept}, dropped {len(self.dropped_prompt_too_long)} whose "
             f"prompt alone is >= max_length={self.max_length}; truncated prompts {self.n_prompt_truncated}, "
@@ -129,6 +137,14 @@ class TokenizeReport:
             text += f"; dropped {len(self.dropped_empty_completion)} with a completion that tokenized to nothing"
         if self.n_prefix_mismatch:
             text += f"; {self.n_prefix_mismatch} pairs re-tokenized because the prompt tokens changed when joined"
+        for label, ids in (
+            ("prompt alone >= max_length (raise --max-length or set --max-prompt-length to truncate prompts)",
+             self.dropped_prompt_too_long),
+            ("completions identical after truncation", self.dropped_identical_after_truncation),
+            ("a completion tokenized to nothing", self.dropped_empty_completion),
+        ):
+            if ids:
+                text += f"\n  dropped, {label}: {self.where(ids, max_listed)}"
         return text
 
 
@@ -145,20 +161,69 @@ class _RawRow:
     error: Optional[tuple[str, str]] = None  # (reason, message) when the row could not even be parsed
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes of the line without its line break), as text mode would number them.
+
+    Bytes, not text: one undecodable byte must cost its own line only. Lines end at ``\\n``,
+    ``\\r\\n`` or ``\\r``; a UTF-8 byte-order mark at the start of the file is dropped.
+    """
+    lineno = 0
+    with path.open("rb") as f:
+        for chunk in f:
+            if lineno == 0 and chunk.startswith(_UTF8_BOM):
+                chunk = chunk[len(_UTF8_BOM):]
+            for line in chunk.splitlines():
+                lineno += 1
+                yield lineno, line
+
+
+def _decode_line(line: bytes) -> tuple[Optional[str], str]:
+    """(text, "") or (None, what is wrong) for one line of a UTF-8 file."""
+    try:
+        return line.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return None, (f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line); "
+                      "re-save the file as UTF-8")
+
+
 def _iter_jsonl(path: Path, report: LoadReport) -> Iterator[_RawRow]:
     index = 0
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                report.blank_lines += 1
-                continue
+    for lineno, raw_line in _jsonl_lines(path):
+        line, problem = _decode_line(raw_line)
+        if line is not None and not line.strip():
+            report.blank_lines += 1
+            continue
+        location = f"line {lineno}"
+        if line is None:
+            raw = _RawRow(index, location, error=("invalid_utf8", problem))
+        else:
             try:
-                value = json.loads(line)
-                raw = _RawRow(index, f"line {lineno}", value)
+                raw = _RawRow(index, location, json.loads(line))
             except json.JSONDecodeError as e:
-                raw = _RawRow(index, f"line {lineno}", error=("invalid_json", f"invalid JSON ({e.msg})"))
-            index += 1
-            yield raw
+                raw = _RawRow(index, location, error=("invalid_json", f"invalid JSON ({e.msg})"))
+        index += 1
+        yield raw
+
+
+def _read_json_text(path: Path) -> Optional[str]:
+    """A .json file's text (a leading BOM dropped), or None when a byte is not UTF-8 (read it per line then).
+
+    A file that is one JSON document (not JSON lines) with an undecodable byte raises a ValueError
+    naming the line: its rows cannot be told apart, so the bad one cannot be skipped alone.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].count(b"\n") + 1
+        try:
+            json.loads(data.decode("utf-8-sig", errors="replace"))
+        except json.JSONDecodeError:
+            return None  # JSON lines in a .json file: each line is decoded (and reported) on its own
+        raise ValueError(
+            f"source: {path}, line {lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x}); the file is one JSON "
+            "document, so the row cannot be skipped alone: re-save the file as UTF-8"
+        ) from None
 
 
 def _iter_values(values: Iterable[Any]) -> Iterator[_RawRow]:
@@ -195,7 +260,9 @@ def _open_source(source: Any, report: LoadReport) -> Iterator[_RawRow]:
         if suffix in (".jsonl", ".ndjson"):
             return _iter_jsonl(path, report)
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            text = _read_json_text(path)
+            if text is None:
+                return _iter_jsonl(path, report)
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
@@ -343,7 +410,8 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list
     """Read preference rows from a file, a saved dataset dir, a Dataset or a list of dicts.
 
     Returns rows normalized to an explicit ``prompt`` (implicit prompts extracted) with
-    ``chosen``/``rejected``, plus ``row`` (the 0-based index of the source row) and, when the
+    ``chosen``/``rejected``, plus ``row`` (the 0-based index of the source row), ``location``
+    (where it is: ``"line 7"`` of a JSONL file, else ``"row 6"``) and, when the
     source has finite numbers for both, ``ref_chosen_logps``/``ref_rejected_logps``.
     Malformed rows are skipped and listed in the report (``on_bad_row="skip"``) or raise
     `BadRowError` (a ValueError) naming the line/row and the reason (``"error"``).
@@ -365,6 +433,7 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip") -> tuple[list
             report.bad_rows.append(BadRow(raw.index, raw.location, bad.reason, bad.message))
             continue
         row["row"] = raw.index
+        row["location"] = raw.location
         rows.append(row)
         report.formats[fmt] += 1
     report.n_kept = len(rows)
@@ -446,7 +515,8 @@ def tokenize_pairs(
     Truncation: with `max_prompt_length` the prompt keeps its end (``"keep_end"``, BOS kept)
     or its start (``"keep_start"``); pairs whose prompt alone is ``>= max_length`` are dropped
     and counted; completions are cut so prompt + completion <= `max_length` (pairs whose
-    completions become identical by that cut are dropped and counted too).
+    completions become identical by that cut are dropped and counted too); the report names
+    where each dropped pair came from (the rows' ``location``: a JSONL line, else the row index).
     Examples also carry ``row`` and any ``ref_*_logps`` of their input row.
     """
     if truncation_mode not in TRUNCATION_MODES:
@@ -485,6 +555,12 @@ def tokenize_pairs(
             plain_ids[i] = (list(p[j]), list(pc[j]), list(pr[j]))
 
     examples: list[dict] = []
+
+    def drop(into: list[int], i: int, row: dict) -> None:
+        row_id = row.get("row", i)
+        into.append(row_id)
+        report.locations[row_id] = row.get("location") or f"row {row_id}"
+
     for i, row in enumerate(rows):
         if conv[i]:
             prompt_ids = _chat_ids(tokenizer, row["prompt"], True)
@@ -504,17 +580,17 @@ def tokenize_pairs(
             report.n_prompt_truncated += 1
         if max_length is not None:
             if len(prompt_ids) >= max_length:
-                report.dropped_prompt_too_long.append(row.get("row", i))
+                drop(report.dropped_prompt_too_long, i, row)
                 continue
             room = max_length - len(prompt_ids)
             if len(chosen_ids) > room or len(rejected_ids) > room:
                 report.n_completion_truncated += 1
                 chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
                 if chosen_ids == rejected_ids:  # no preference left to learn from
-                    report.dropped_identical_after_truncation.append(row.get("row", i))
+                    drop(report.dropped_identical_after_truncation, i, row)
                     continue
         if not chosen_ids or not rejected_ids:
-            report.dropped_empty_completion.append(row.get("row", i))
+            drop(report.dropped_empty_completion, i, row)
             continue
         example = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "row": row.get("row", i)}
         for key in _REF_KEYS:

@@ -12,24 +12,26 @@ The DPO pairs are on-policy where possible: the rejected completion is the SFT m
 answer when it breaks the rule (a generated near miss otherwise), and the default loss is DPO plus
 the NLL of the chosen completion (RPO, TRL's loss_type=["sigmoid", "sft"]). So that nobody credits
 RPO's gain to DPO alone, the demo also runs plain sigmoid DPO from the same SFT checkpoint on the
-same pairs and prints it as a second column (`compare_loss_type`; ~15 s more, ~50 s in all).
+same pairs and prints it as a second column (`compare_loss_type`).
 
-Measured with the defaults (1 CPU thread, 200 held-out prompts; seeds 0 / 1 / 2): RPO moves the
-greedy win rate +8.5 / +8.0 / +9.5 points, plain sigmoid DPO -14.5 / -25.5 / -22.0, although both
-raise the held-out reward accuracy (to ~0.84-0.93) and the log-prob preference accuracy. A sweep of
-plain DPO (lr 2e-5 to 5e-4, beta 0.02 to 1.0, 100 to 300 steps, batch 64, LoRA, 300 SFT steps, a
-sort-only task with swap near misses, pairs keeping only the model's own errors or only same-length
-ones) never raised it by more than one point and mostly lowered it by 3 to 45. The greedy answers
-show why: plain DPO lowers the chosen log-probs too, and this 0.8M-parameter model then stops ending
-its answers (it repeats an item) or drops items.
+Every run writes its numbers to OUTPUT/summary.json (the command, the seed, the settings, the
+before/after table and each DPO run's held-out metrics), so that numbers quoted about the demo can
+be traced to the run that produced them. What the runs show on this task: RPO raises the greedy win
+rate; plain sigmoid DPO raises the held-out reward accuracy and the log-prob preference accuracy
+too, but lowers the greedy win rate. The greedy answers show why: plain DPO lowers the chosen
+log-probs as well, and this sub-million-parameter model then stops ending its answers (it repeats
+an item) or drops items. Changing plain DPO's learning rate, beta, steps, batch size, LoRA versus a
+full fine-tune, or the pairs kept did not change that.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -37,7 +39,7 @@ import torch
 
 @dataclass
 class DemoSettings:
-    """Sizes and hyper-parameters of the demo (tuned to run in under 2 minutes on 1 CPU thread)."""
+    """Sizes and hyper-parameters of the demo (tuned to run in a few minutes on 1 CPU thread)."""
 
     seed: int = 0
     output: str = "dpo_fast_demo"
@@ -49,6 +51,7 @@ class DemoSettings:
     sft_lr: float = 3e-3
     sft_batch: int = 16
     dpo_steps: int = 300
+    dpo_evals: int = 6  # held-out evaluations during each DPO run, besides step 0 and the end (for the plot)
     dpo_lr: float = 5e-4
     dpo_batch: int = 16
     beta: float = 0.1
@@ -150,8 +153,15 @@ def on_policy_pairs(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Dict[
 
 
 # ------------------------------------------------------------------------------------ the demo
-def run_demo(settings: Optional[DemoSettings] = None, *, log=print) -> Dict[str, Any]:
-    """Run SFT then DPO; print and return the before/after numbers."""
+SUMMARY_FILE = "summary.json"
+
+
+def run_demo(settings: Optional[DemoSettings] = None, *, log=print, command: Optional[str] = None) -> Dict[str, Any]:
+    """Run SFT then DPO; print and return the before/after numbers, and write them to OUTPUT/summary.json.
+
+    `command`: the command line that started the demo, recorded in the summary (default: the
+    `dpo-fast demo` command equivalent to `settings`, where it has one).
+    """
     from dpo_fast.demo_task import demo_tokenizer, make_preference_dataset, tiny_llama_config
     from dpo_fast.train import DPOFastTrainer, TrainConfig
 
@@ -205,13 +215,20 @@ def run_demo(settings: Optional[DemoSettings] = None, *, log=print) -> Dict[str,
             columns.append((f"after DPO ({','.join(compare)})", c_after, c_result.eval_metrics))
             compared = {"loss_type": compare, "after": c_after, "dpo": c_result, "plot": c_result.plot_path}
         elapsed = time.perf_counter() - t_start
-        log("\n" + format_table(before, after, dpo_result.eval_metrics, n_pairs=len(held_out),
-                                n_prompts=len(prompts), columns=columns))
+        table = format_table(before, after, dpo_result.eval_metrics, n_pairs=len(held_out), n_prompts=len(prompts),
+                             columns=columns)
+        log("\n" + table)
         plots = [sft_result.plot_path, dpo_result.plot_path] + ([compared["plot"]] if compared else [])
+        runs = [(list(s.loss_type), after, dpo_result)] + ([(compare, compared["after"], compared["dpo"])]
+                                                           if compared else [])
+        summary = write_summary(s, command=command or demo_command(s), threads=threads, n_params=n_params,
+                                n_pairs=len(held_out), n_prompts=len(prompts), before=before, runs=runs,
+                                table=table, plots=plots, seconds=elapsed)
         log(f"\nplots: {', '.join(str(x) for x in plots)}")
+        log(f"numbers of this run: {summary}")
         log(f"demo finished in {elapsed:.0f} s")
         return {"before": before, "after": after, "sft": sft_result, "dpo": dpo_result, "seconds": elapsed,
-                "plot": dpo_result.plot_path, "compare": compared, "prompts": prompts}
+                "plot": dpo_result.plot_path, "compare": compared, "prompts": prompts, "summary": summary}
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -252,6 +269,7 @@ def _dpo_run(s: DemoSettings, loss_type: List[str], model: torch.nn.Module, toke
                       lora_r=s.lora_r, lora_alpha=s.lora_r, lr=s.dpo_lr, batch_size=s.dpo_batch,
                       max_steps=s.dpo_steps, beta=s.beta, loss_type=list(loss_type),
                       eval_fraction=s.eval_fraction, warmup_ratio=0.1, seed=s.seed, max_length=64,
+                      eval_steps=-(-s.dpo_steps // (s.dpo_evals + 1)) if s.dpo_evals > 0 else None,
                       progress=s.progress, tensorboard=False, device="cpu")
     trainer = DPOFastTrainer(cfg, model=model, tokenizer=tokenizer, log=log)
     trainer.setup()
@@ -270,6 +288,67 @@ def _dpo_run(s: DemoSettings, loss_type: List[str], model: torch.nn.Module, toke
         "win_rate": win_rate(trainer.model, tokenizer, prompts, s.max_new_tokens),
     }
     return before, after, result, held_out
+
+
+def demo_command(s: DemoSettings) -> str:
+    """The `dpo-fast demo` command line that gives `s` (its options that differ from the defaults)."""
+    d, args = DemoSettings(), ["dpo-fast", "demo"]
+    flags = [("output", "--output"), ("seed", "--seed"), ("sft_steps", "--sft-steps"), ("dpo_steps", "--dpo-steps"),
+             ("dpo_lr", "--dpo-lr"), ("beta", "--beta"), ("threads", "--threads")]
+    for name, flag in flags:
+        if getattr(s, name) != getattr(d, name) and not (name == "threads" and s.threads is None):
+            args += [flag, str(getattr(s, name))]
+    if list(s.loss_type) != list(d.loss_type):
+        args += ["--loss-type", ",".join(s.loss_type)]
+    if list(s.compare_loss_type) != list(d.compare_loss_type):
+        args += ["--compare-loss-type", ",".join(s.compare_loss_type) or "none"]
+    if s.dpo_lora:
+        args.append("--lora")
+    others = [f.name for f in DemoSettings.__dataclass_fields__.values()
+              if f.name not in {n for n, _ in flags} | {"loss_type", "compare_loss_type", "dpo_lora", "progress"}
+              and getattr(s, f.name) != getattr(d, f.name)]
+    text = " ".join(args)
+    return text + (f"  (and settings with no command-line option: {', '.join(others)})" if others else "")
+
+
+def write_summary(s: DemoSettings, *, command: str, threads: int, n_params: int, n_pairs: int, n_prompts: int,
+                  before: Dict[str, float], runs: Sequence[tuple], table: str, plots: Sequence[Optional[str]],
+                  seconds: float) -> str:
+    """Write OUTPUT/summary.json: what was run, when, and the numbers it printed. Returns its path.
+
+    `runs`: (loss_type, after, TrainResult) per DPO run, the main run first.
+    """
+    import transformers
+
+    from dpo_fast import __version__
+
+    summary = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seed": s.seed,
+        "settings": asdict(s),
+        "cpu_threads": threads,
+        "model_parameters": n_params,
+        "held_out_pairs": n_pairs,
+        "generation_prompts": n_prompts,
+        "after_sft": before,
+        "dpo_runs": [
+            {"loss_type": list(loss_type), "after_dpo": after,
+             "change": {k: after[k] - before[k] for k in before},
+             "eval_metrics": dict(result.eval_metrics), "plot": result.plot_path}
+            for loss_type, after, result in runs
+        ],
+        "table": table.splitlines(),
+        "plots": [p for p in plots if p],
+        "seconds": round(seconds, 1),
+        "versions": {"dpo_fast": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    os.makedirs(s.output, exist_ok=True)
+    path = os.path.join(s.output, SUMMARY_FILE)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+        fh.write("\n")
+    return path
 
 
 def _pair_ids(examples: Sequence[Dict[str, Any]]) -> List[tuple]:

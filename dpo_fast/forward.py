@@ -107,7 +107,8 @@ def _unpackable(model_kwargs: Mapping[str, Any], args: tuple, labels: Optional[t
         return "the inputs are passed positionally"
     if shift_labels is not None or labels is None:
         return "the labels are pre-shifted (shift_labels)"
-    extra = sorted(set(model_kwargs) - _MODEL_KEYS)
+    # peft's PeftModelForCausalLM passes inputs_embeds, output_attentions, ... as None: those are not inputs
+    extra = sorted(key for key, value in model_kwargs.items() if key not in _MODEL_KEYS and value is not None)
     if extra:
         return f"the call passes {extra} (position ids of padding-free batches, embeddings or caches)"
     ids = model_kwargs.get("input_ids")

@@ -5,10 +5,11 @@
 #                      (no argument: check step8b step8bcap step8bp50 profile tests step1b bench, in that order, inside
 #                       a 570 s budget; whatever does not fit is skipped and says so)
 #
-# 1. check: python3 -m benchmarks.gpu_check   every Triton kernel compiled on CUDA vs float64 on the CPU, then
-#                                             the Llama-3-8B head timed against TRL's chunked head and naive
-# 2. tests: the model-level test files on CUDA (patch on a CUDA NF4 model, TRL integration, the trainer)
-# step8b, step8bcap, step8bp50, step1b: benchmarks/step.py (issue 6) at the 8B shape uncapped, under a 16 GB
+# 1. check: python3 -m benchmarks.gpu_check   the tests marked `kernels` (pytest.ini) on CUDA: every Triton kernel
+#                                             compiled, against float64 at the tests' tolerances, GPU-sized cases
+#                                             included; then the Llama-3-8B head timed against TRL's chunked head
+# 2. tests: the other model-level tests on CUDA (patch on a CUDA NF4 model, TRL integration, the trainer)
+# step8b, step8bcap, step8bp50, step1b: benchmarks/step.py (the step benchmark) at the 8B shape uncapped, under a 16 GB
 #           cap, and with prompts half of each row (what prefix sharing saves depends on the prompt share), and
 #           group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots;
 #           step_8b.tgz and profile.tgz also hold gpu_clocks.csv: SM clock, power, throttle reasons)
@@ -143,20 +144,19 @@ PHASES=("$@")
 for p in "${PHASES[@]}"; do
   case "$p" in
     check)
-      phase gpu_check "${GPU_CHECK_TIMEOUT:-200}" python3 -m benchmarks.gpu_check --out "$OUT" ;;
+      phase gpu_check "${GPU_CHECK_TIMEOUT:-240}" python3 -m benchmarks.gpu_check --out "$OUT" ;;
     tests)
-      # the CUDA paths no CPU run reaches: the body ops on CUDA tensors (the offload's side-stream prefetch),
-      # patch() on a bitsandbytes-CUDA NF4 model (offload included; the dequantize kernel in a model), TRL's
-      # DPOTrainer with dpo_fast enabled, and the trainer (4-bit loading, paged 8-bit AdamW, bf16 autocast).
-      # Kernel-level checks are gpu_check's. No -x: show every failure (--maxfail bounds the log).
+      # the CUDA paths no CPU run reaches: patch() on a bitsandbytes-CUDA NF4 model (checkpointing, the
+      # recompute skips), TRL's DPOTrainer with dpo_fast enabled, and the trainer (4-bit loading, paged 8-bit
+      # AdamW, bf16 autocast). The `kernels` tests are the check phase's. No -x: show every failure (--maxfail
+      # bounds the log).
       phase tests "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=10 \
-        --durations=5 tests/test_body_kernels.py tests/test_body_patch.py tests/test_checkpointing.py tests/test_patch.py tests/test_prefix_sharing.py \
+        --durations=5 tests/test_body_patch.py tests/test_checkpointing.py tests/test_patch.py tests/test_prefix_sharing.py \
         tests/test_trl_integration.py tests/test_train.py \
-        tests/test_dequant_4bit.py::test_patched_qlora_linear_dequantizes_with_the_kernel \
-        -k "not short_dpo_run and not ctrl_c and not resume" ;;
+        -m "not kernels" -k "not short_dpo_run and not ctrl_c and not resume" ;;
     step8b)
-      # issue 6's targets at the 8B shape, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak
-      # memory vs unpatched TRL; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it;
+      # the 8B step targets, 2 pairs x 2048 tokens (prompt 25% of each row): step time and peak memory at
+      # 0.5x of unpatched TRL's; dpo_fast_all has prefix sharing, dpo_fast_all_unshared is the same without it;
       # dpo_fast_no_checkpointing (no recompute, all activations kept) bounds what partial recompute could buy;
       # dpo_fast_all_no_tail_skip is dpo_fast_all with the recompute running down_proj and o_proj in full
       clocks step_8b
@@ -186,7 +186,7 @@ for p in "${PHASES[@]}"; do
       clocks_off
       fold profile ;;
     step1b)
-      # issue 6's group-by-group comparison at the 1B shape
+      # the step comparison group by group at the 1B shape
       phase step_1b "${STEP1B_TIMEOUT:-170}" python3 benchmarks/step.py --shapes llama-3.2-1b \
         --step-sizes 2x2048 --step-warmup 2 --step-repeats 7 --out "$STAGE/step_1b"
       fold step_1b ;;

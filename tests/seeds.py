@@ -1,7 +1,7 @@
 """A seed for code under test that takes one (data generators, the trainer), drawn from torch's RNG.
 
-conftest.py seeds torch per test, so these seeds are fresh per test and reproducible from
-DPO_FAST_TEST_SEED when debugging.
+conftest.py seeds torch per test from the test's node id and the run's base seed
+(DPO_FAST_TEST_SEED, default 0), so these seeds differ between tests and are reproducible.
 """
 import torch
 

@@ -235,16 +235,16 @@ def test_qlora_step_model_trains_lora_weights():
 
 
 def test_step_level_runs_every_body_group_in_4bit(tmp_path):
-    """Issue 6's step comparison (benchmarks/step.py's methods) at the tiny shape through bitsandbytes' CPU
+    """The step comparison (benchmarks/step.py's methods) at the tiny shape through bitsandbytes' CPU
     4-bit backend: every method is measured with finite numbers and ratios to the unpatched baseline,
     each dpo_fast group really swapped its modules, and a memory cap turns into fits / OOM per method."""
     pytest.importorskip("bitsandbytes")
     from benchmarks import methods_step as ms
     from benchmarks import suite
-    from benchmarks.step import ISSUE6_SHAPES, step_argv
+    from benchmarks.step import STEP_SHAPES, step_argv
 
     argv = step_argv([])
-    assert argv[:2] == ["--level", "step"] and set(ISSUE6_SHAPES) <= set(argv)
+    assert argv[:2] == ["--level", "step"] and set(STEP_SHAPES) <= set(argv)
     assert set(ms.BODY_STEP_METHODS) <= set(argv) and "2x2048" in argv
     assert "dpo_fast_rope" not in step_argv(["--methods", "naive"])
     group_methods = {name for name, _ in ms.BODY_GROUPS} | {"dpo_fast_all"}
@@ -260,6 +260,9 @@ def test_step_level_runs_every_body_group_in_4bit(tmp_path):
         assert cells[name]["status"] == "ok", (name, cells[name]["note"])
         _assert_ok_cell(cells[name])
         assert cells[name]["params"]["quantized_4bit"] is True
+        spec = ms.METHODS[name]
+        if spec.loss == "dpo_fast":  # the cell records what patch_report says was applied: the table's row
+            assert cells[name]["params"]["body"] == (spec.body.as_dict() if spec.body else False), name
     for name, switch in ms.BODY_GROUPS:
         counts = cells[name]["params"]["patched_modules"]
         # the recompute tail skip (one per decoder layer) and the nf4 dequantize (one per 4-bit base) come with
@@ -286,7 +289,7 @@ def test_step_level_runs_every_body_group_in_4bit(tmp_path):
 
 
 def test_every_step_method_gives_the_unpatched_lora_update_in_4bit(one_torch_thread):
-    """One step of each of issue 6's methods on the same 4-bit tiny QLoRA model, from the same weights,
+    """One step of each step-comparison method on the same 4-bit tiny QLoRA model, from the same weights,
     with plain SGD (lr 1: the update is the gradient): every LoRA A and B moves, by the same amount as
     the unpatched naive step (so each group's kernels are in the measured step and compute the same
     DPO gradient), and the model is unpatched again afterwards."""

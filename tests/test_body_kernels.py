@@ -2,7 +2,8 @@
 and against the transformers / peft / bitsandbytes modules they replace.
 
 Both backends run everywhere: "triton" (compiled on a GPU, the Triton interpreter on CPU) and "torch".
-fp32 inputs must match a float64 autograd reference to ~1e-5 (relative, norm-wise); bf16 to ~1e-2.
+fp32 inputs must match a float64 autograd reference to ~1e-5 (relative, norm-wise); bf16 to ~1e-2. Cases
+marked gpu-* (Llama-3-8B sizes) run only on CUDA (tests/gpu_cases.py).
 """
 import pytest
 import torch
@@ -14,7 +15,9 @@ from dpo_fast.ops.qlora_linear import dense_weight, dropout_mask, lora_linear
 from dpo_fast.ops.rms_norm import rms_norm
 from dpo_fast.ops.rope import apply_rope
 from dpo_fast.ops.swiglu import swiglu
+from gpu_cases import gpu_case
 
+pytestmark = pytest.mark.kernels
 BACKENDS = ["triton", "torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -33,7 +36,7 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 13, 72), (5, 33)])
+@pytest.mark.parametrize("shape", [(2, 13, 72), (5, 33), gpu_case((2, 333, 4096), id="8b-width")])
 def test_rms_norm_matches_llama_rms_norm(backend, dtype, shape, device):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -151,10 +154,11 @@ def _llama3_cos_sin(batch, seq, head_dim, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("layout", [1, 2])
-def test_rope_matches_apply_rotary_pos_emb(backend, dtype, inplace, layout, device):
+@pytest.mark.parametrize("b,hq,hk,t,d", [pytest.param(2, 4, 2, 13, 18, id="odd"),
+                                         gpu_case(2, 32, 8, 257, 128, id="8b-heads")])
+def test_rope_matches_apply_rotary_pos_emb(backend, dtype, inplace, layout, b, hq, hk, t, d, device):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    b, hq, hk, t, d = 2, 4, 2, 13, 18
     cos, sin = _llama3_cos_sin(b, t, d, device)
     # q, k as LlamaAttention makes them: a transposed view of a projection's output
     q_src = torch.randn(b, t, hq * d, device=device).to(dtype)
@@ -194,12 +198,13 @@ def test_rope_rejects_mismatched_cos(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_matches_silu_times_up(backend, dtype, device):
+@pytest.mark.parametrize("shape", [(3, 13, 77), gpu_case((2, 257, 14336), id="8b-mlp")])
+def test_swiglu_matches_silu_times_up(backend, dtype, shape, device):
     from transformers.activations import ACT2FN
 
-    g = (2 * torch.randn(3, 13, 77, device=device)).to(dtype)
-    u = torch.randn(3, 13, 77, device=device).to(dtype)
-    dh = torch.randn(3, 13, 77, device=device).to(dtype)
+    g = (2 * torch.randn(shape, device=device)).to(dtype)
+    u = torch.randn(shape, device=device).to(dtype)
+    dh = torch.randn(shape, device=device).to(dtype)
     ga, ua = leaf(g), leaf(u)
     h = swiglu(ga, ua, backend=backend)
     h.backward(dh)
@@ -283,14 +288,16 @@ def _base_layer(kind: str, in_f: int, out_f: int, bias: bool, dtype: torch.dtype
 @pytest.mark.parametrize("kind", ["nf4-dq", "fp4", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_qlora_linear_matches_float64_reference(kind, dtype, dropout, device):
-    in_f, out_f, r, alpha = 72, 40, 8, 16
+@pytest.mark.parametrize("in_f,out_f,r,lead", [pytest.param(72, 40, 8, (3, 13), id="odd"),
+                                               gpu_case(4096, 1024 + 8, 16, (515,), id="8b-width")])
+def test_qlora_linear_matches_float64_reference(kind, dtype, dropout, in_f, out_f, r, lead, device):
+    alpha = 2 * r
     base = _base_layer(kind, in_f, out_f, bias=(kind != "fp4"), dtype=dtype, device=device)
     a = (torch.randn(r, in_f, device=device) / in_f ** 0.5)  # adapters stay fp32, as peft keeps them
     bw = torch.randn(out_f, r, device=device) / r ** 0.5
-    x = torch.randn(3, 13, in_f, device=device).to(dtype)
-    x[1, 4] = 0.0  # a fully zero row
-    dy = torch.randn(3, 13, out_f, device=device).to(dtype)
+    x = torch.randn(*lead, in_f, device=device).to(dtype)
+    x.view(-1, in_f)[x.numel() // in_f // 2] = 0.0  # a fully zero row
+    dy = torch.randn(*lead, out_f, device=device).to(dtype)
     mask = dropout_mask(x, dropout) if dropout else None
     xa, aa, ba = leaf(x), leaf(a), leaf(bw)
     y = lora_linear(xa, base, aa, ba, alpha / r, dropout_p=dropout, mask=mask)
@@ -364,17 +371,19 @@ def test_qlora_linear_casts_each_operand_once(device):
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qlora_group_matches_float64_reference(kind, dtype, device):
+@pytest.mark.parametrize("in_f,outs,ranks,scalings,lead", [
+    pytest.param(72, (40, 24, 24), (8, 8, 4), (2.0, 2.0, 0.5), (3, 13), id="odd"),
+    gpu_case(4096, (1032, 261, 261), (16, 16, 8), (2.0, 2.0, 4.0), (515,), id="8b-width")])
+def test_qlora_group_matches_float64_reference(kind, dtype, in_f, outs, ranks, scalings, lead, device):
     """q/k/v-like projections of different widths and ranks over one x: outputs and every gradient."""
     from dpo_fast.ops.qlora_group import lora_linear_group
 
-    in_f, outs, ranks, scalings = 72, (40, 24, 24), (8, 8, 4), (2.0, 2.0, 0.5)
     bases = [_base_layer(kind, in_f, o, bias=(i == 0 and kind == "linear"), dtype=dtype, device=device)
              for i, o in enumerate(outs)]
     a_s = [leaf(torch.randn(r, in_f, device=device) / in_f ** 0.5) for r in ranks]
     b_s = [leaf(torch.randn(o, r, device=device) / r ** 0.5) for o, r in zip(outs, ranks)]
-    x = leaf(torch.randn(3, 13, in_f, device=device).to(dtype))
-    dys = [torch.randn(3, 13, o, device=device).to(dtype) for o in outs]
+    x = leaf(torch.randn(*lead, in_f, device=device).to(dtype))
+    dys = [torch.randn(*lead, o, device=device).to(dtype) for o in outs]
     ys = lora_linear_group(x, bases, a_s, b_s, scalings)
     torch.autograd.backward(ys, dys)
 

@@ -166,3 +166,48 @@ def test_bench_runs_outside_the_checkout(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--quick" in run.stdout
+
+
+def test_cpu_thread_count_defaults_to_one_unless_the_user_chose():
+    from dpo_fast.train.cpu_threads import cpu_thread_count, set_cpu_threads
+
+    assert cpu_thread_count(None, {}) == 1
+    assert cpu_thread_count(None, {"OMP_NUM_THREADS": "4"}) is None  # the user's environment wins
+    assert cpu_thread_count(None, {"MKL_NUM_THREADS": "2"}) is None and cpu_thread_count(None, {"OMP_NUM_THREADS": ""}) == 1
+    assert cpu_thread_count(3, {"OMP_NUM_THREADS": "4"}) == 3  # --threads wins over everything
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="--threads"):
+            cpu_thread_count(bad, {})
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert set_cpu_threads("cuda:0", None, {}) is None and torch.get_num_threads() == 2  # not a CPU run
+        assert set_cpu_threads("cpu", None, {"OMP_NUM_THREADS": "2"}) is None and torch.get_num_threads() == 2
+        assert set_cpu_threads("cpu", None, {}) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("env, flag, during", [({}, [], 1), ({"OMP_NUM_THREADS": "2"}, [], 2), ({}, ["--threads", "2"], 2)])
+def test_train_command_pins_cpu_threads_and_restores_them(monkeypatch, env, flag, during):
+    import dpo_fast.train as train_package
+    from dpo_fast.train.trainer import TrainResult
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    seen = []
+
+    def fake_train(config):
+        seen.append(torch.get_num_threads())
+        return TrainResult(output_dir=config.output, steps=0, interrupted=False)
+
+    monkeypatch.setattr(train_package, "train", fake_train)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--device", "cpu", *flag]) == 0
+        assert seen == [during] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

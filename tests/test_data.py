@@ -225,6 +225,81 @@ def test_load_argument_errors(tmp_path):
         load_preference_rows(str(tmp_path / "obj.json"))
 
 
+# ----------------------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_non_utf8_byte_costs_its_line_only(tmp_path, newline):
+    good = make_preference_dataset(5, fresh_seed())
+    lines = [json.dumps(r).encode() for r in good]
+    bad = json.dumps({"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}).encode()
+    bad = bad.replace(b" 3 1\"}", b" 3 \xff1\"}")  # one Latin-1 byte inside the rejected string
+    lines.insert(2, bad)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(newline.encode().join(lines) + newline.encode())
+    rows, report = load_preference_rows(str(path))
+    assert [(b.location, b.reason) for b in report.bad_rows] == [("line 3", "invalid_utf8")]
+    assert "0xff" in report.bad_rows[0].message and "line 3: not valid UTF-8" in report.summary()
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == good
+    assert [r["location"] for r in rows] == ["line 1", "line 2", "line 4", "line 5", "line 6"]
+    with pytest.raises(BadRowError, match="line 3: not valid UTF-8"):
+        load_preference_rows(str(path), on_bad_row="error")
+    # the same lines in a .json file (JSON lines): still one row lost
+    json_lines = tmp_path / "latin1.json"
+    json_lines.write_bytes(path.read_bytes())
+    assert [b.location for b in load_preference_rows(str(json_lines))[1].bad_rows] == ["line 3"]
+
+
+def test_non_utf8_byte_in_one_json_document_names_the_line(tmp_path):
+    rows = make_preference_dataset(4, fresh_seed())
+    text = json.dumps(rows, indent=1).encode()
+    line_of_rejected = text[: text.index(b'"rejected"')].count(b"\n") + 1
+    path = tmp_path / "doc.json"
+    path.write_bytes(text.replace(b'"rejected": "', b'"rejected": "\xe9', 1))
+    with pytest.raises(ValueError, match=rf"line {line_of_rejected}: not valid UTF-8 \(byte 0xe9\)"):
+        load_preference_rows(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "json_lines"])
+def test_utf8_byte_order_mark_is_not_a_bad_row(tmp_path, fmt):
+    rows = make_preference_dataset(3, fresh_seed())
+    text = json.dumps(rows) if fmt == "json" else "\n".join(json.dumps(r) for r in rows) + "\n"
+    path = tmp_path / ("d.jsonl" if fmt == "jsonl" else "d.json")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    got, report = load_preference_rows(str(path))
+    assert report.n_skipped == 0 and report.n_kept == 3
+    assert [{k: g[k] for k in ("prompt", "chosen", "rejected")} for g in got] == rows
+
+
+def test_prompts_longer_than_max_length_are_reported_by_line(tmp_path, tok):
+    rng = random.Random(fresh_seed())
+    lines, long_lines = [], []
+    for lineno in range(1, 41):
+        n = rng.choice([2, 3, 20]) if lineno > 1 else 20
+        if n == 20:
+            long_lines.append(lineno)
+        prompt = "sort: " + " ".join(rng.choice("0123456789") for _ in range(n)) + " ="
+        lines.append(json.dumps({"prompt": prompt, "chosen": " a", "rejected": " b"}))
+        if lineno == 7:
+            lines.append("")  # a blank line: numbering still follows the file
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    long_lines = [n + (n > 7) for n in long_lines]
+    rows, _ = load_preference_rows(str(path))
+    examples, report = tokenize_pairs(rows, tok, max_length=16)
+    assert len(long_lines) > 5 and report.n_kept == 40 - len(long_lines)
+    assert [report.locations[r] for r in report.dropped_prompt_too_long] == [f"line {n}" for n in long_lines]
+    text = report.summary()
+    shown = ", ".join(f"line {n}" for n in long_lines[:5])
+    assert f"dropped {len(long_lines)} whose prompt alone" in text
+    assert f"prompt alone >= max_length (raise --max-length or set --max-prompt-length to truncate prompts): " \
+           f"{shown}, ... and {len(long_lines) - 5} more" in text
+    # rows without a location (a list passed directly) are named by their row index
+    plain = [{k: r[k] for k in ("prompt", "chosen", "rejected", "row")} for r in rows]
+    _, report = tokenize_pairs(plain, tok, max_length=16)
+    assert report.where(report.dropped_prompt_too_long[:1]) == f"row {report.dropped_prompt_too_long[0]}"
+
+
 # ----------------------------------------------------------------------------- tokenization
 
 
@@ -315,6 +390,40 @@ def test_truncation_modes_and_dropped_prompts(tok, mode, max_prompt_length):
         assert ex["prompt_ids"][0] == tok.bos_token_id
         assert len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= max_length
     assert f"dropped {len(dropped)}" in report.summary()
+
+
+def _tokenizer_without_bos():
+    """The demo vocabulary as a tokenizer with no BOS token at all (as Qwen's): nothing is prepended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_fast.demo_task import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, read_vocab
+
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(read_vocab())}, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   unk_token=UNK_TOKEN, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_prompt_truncation_without_a_bos_token(mode):
+    no_bos = _tokenizer_without_bos()
+    assert no_bos.bos_token_id is None
+    rows = _long_rows(40, fresh_seed())
+    full, _ = tokenize_pairs(rows, no_bos, max_length=None)
+    assert all(ex["prompt_ids"] == no_bos(row["prompt"])["input_ids"] for ex, row in zip(full, rows))
+    limit = 7
+    examples, report = tokenize_pairs(rows, no_bos, max_length=None, max_prompt_length=limit, truncation_mode=mode)
+    n_cut = 0
+    for ex, whole in zip(examples, full):
+        p = whole["prompt_ids"]
+        n_cut += len(p) > limit
+        assert ex["prompt_ids"] == (p[-limit:] if mode == "keep_end" else p[:limit])
+        assert ex["chosen_ids"] == whole["chosen_ids"] and ex["rejected_ids"] == whole["rejected_ids"]
+    assert n_cut > 10 and report.n_prompt_truncated == n_cut
+    if mode == "keep_end":  # every kept prompt ends with the task's "=" (the end was kept, not the start)
+        eq = no_bos.convert_tokens_to_ids("=")
+        assert all(ex["prompt_ids"][-1] == eq for ex in examples)
 
 
 def test_pairs_identical_after_truncation_are_dropped_and_counted(tok):

@@ -1,6 +1,7 @@
 """`dpo-fast demo` pieces: on-policy pairs, the table, and a miniature end-to-end run."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import replace
@@ -10,6 +11,7 @@ import torch
 
 import dpo_fast.demo as demo
 from dpo_fast.demo_task import demo_tokenizer, judge, make_preference_dataset
+from dpo_fast.train.logging import plot_points, read_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,12 +59,22 @@ def test_greedy_completions_match_a_token_by_token_argmax_loop():
         assert text == tok.decode(new, skip_special_tokens=True)
 
 
-def test_miniature_demo_runs_and_reports(tmp_path, capsys):
+def test_miniature_demo_runs_and_reports(tmp_path, capsys, monkeypatch):
+    import dpo_fast.train.trainer as trainer_module
+
+    titles = []
+    real_plot = trainer_module.plot_metrics
+
+    def plot_and_record(records, path, title="dpo_fast"):
+        titles.append(title)
+        return real_plot(records, path, title=title)
+
+    monkeypatch.setattr(trainer_module, "plot_metrics", plot_and_record)
     s = replace(demo.DemoSettings(), output=str(tmp_path), n_sft=64, n_dpo=48, n_prompts=12, sft_steps=4,
                 dpo_steps=3, sft_batch=8, dpo_batch=8, progress=False, threads=1,
                 model_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=2))
-    result = demo.run_demo(s)
+    result = demo.run_demo(s, command="dpo-fast demo --example")
     printed = capsys.readouterr().out
     assert "after SFT" in printed and "after DPO (sigmoid,sft)" in printed and "DPO moved" in printed
     assert "after DPO (sigmoid)" in printed  # the plain-DPO column from the same SFT checkpoint
@@ -76,6 +88,35 @@ def test_miniature_demo_runs_and_reports(tmp_path, capsys):
     train = {r["prompt"] for r in make_preference_dataset(s.n_sft, seed=s.seed)}
     assert len(result["prompts"]) == s.n_prompts == len(set(result["prompts"]))
     assert not train & set(result["prompts"])
+    # the numbers it printed are in OUTPUT/summary.json, with what was run
+    with open(os.path.join(str(tmp_path), "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    assert result["summary"] == os.path.join(str(tmp_path), "summary.json") and result["summary"] in printed
+    assert summary["command"] == "dpo-fast demo --example" and summary["seed"] == s.seed
+    assert summary["settings"]["dpo_steps"] == 3 and summary["after_sft"] == result["before"]
+    assert [r["loss_type"] for r in summary["dpo_runs"]] == [["sigmoid", "sft"], ["sigmoid"]]
+    assert summary["dpo_runs"][0]["after_dpo"] == result["after"]
+    assert summary["dpo_runs"][1]["after_dpo"] == result["compare"]["after"]
+    assert summary["dpo_runs"][0]["eval_metrics"] == result["dpo"].eval_metrics
+    for run in summary["dpo_runs"]:
+        assert run["change"] == {k: run["after_dpo"][k] - summary["after_sft"][k] for k in summary["after_sft"]}
+    assert "\n".join(summary["table"]) in printed and summary["date"].startswith("20")
+    # held-out evaluations during each DPO run, not only at step 0 and the end; plots titled by their loss
+    for run in (result["dpo"], result["compare"]["dpo"]):
+        records = read_metrics(run.metrics_path)
+        assert [r["step"] for r in records if "eval_loss" in r] == [0, 1, 2, 3]
+        step0 = records[0]  # policy == reference: every pair ties; TRL's accuracy reads 0.0, the plot shows chance
+        assert step0["step"] == 0 and step0["eval_rewards/accuracies"] == 0.0
+        assert plot_points(records, "eval_rewards/accuracies")[0] == (0, 0.5)
+    assert titles == ["dpo_fast sft", "dpo_fast dpo: sigmoid + sft (RPO: DPO + NLL of the chosen), beta 0.1",
+                      "dpo_fast dpo: sigmoid (plain DPO), beta 0.1"]
+
+
+def test_demo_command_names_the_options_that_differ():
+    assert demo.demo_command(demo.DemoSettings()) == "dpo-fast demo"
+    s = replace(demo.DemoSettings(), seed=3, compare_loss_type=[], dpo_lora=True, n_prompts=20)
+    assert demo.demo_command(s) == ("dpo-fast demo --seed 3 --compare-loss-type none --lora  "
+                                    "(and settings with no command-line option: n_prompts)")
 
 
 def test_demo_without_compare_run_has_one_column(tmp_path, capsys):

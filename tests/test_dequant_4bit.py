@@ -4,7 +4,8 @@ The kernel must give bitsandbytes' values bit for bit: nf4 and fp4, with and wit
 every block size, bf16 / fp16 / fp32 weights, sizes that end inside a block or inside a byte. The reference
 is bitsandbytes' formula (its default backend, which "matches C++ / CUDA behavior"), written out in torch:
 bitsandbytes' own CPU kernel disagrees with its quantizer when a block spans two rows, so it is compared
-only on shapes whose rows are whole blocks.
+only on shapes whose rows are whole blocks. On CUDA the kernel is also compared with bitsandbytes' CUDA
+kernel at the Llama-3-8B projection shapes.
 """
 import itertools
 import tempfile
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 from dpo_fast.ops.backend import use_backend
+from gpu_cases import cuda_only
 
+pytestmark = pytest.mark.kernels
 bnbF = pytest.importorskip("bitsandbytes.functional")
 from dpo_fast.kernels.dequant_4bit import dequantize_4bit  # noqa: E402
 
@@ -45,6 +48,19 @@ def test_dequantize_4bit_is_bitwise_bitsandbytes(shape, quant_type, nested, bloc
     assert torch.equal(got, _reference(packed, qs))
     if shape[1] % blocksize == 0 or device == "cuda":
         assert torch.equal(got, bnbF.dequantize_4bit(packed, qs))
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", [(14336, 4096), (1024, 4096), (4096, 14336), (77, 33)],
+                         ids=["8b-gate-up", "8b-k-v", "8b-down", "odd"])
+@pytest.mark.parametrize("quant_type,nested,dtype", list(itertools.product(["nf4", "fp4"], [True, False],
+                                                                           [torch.bfloat16, torch.float16])))
+def test_dequantize_4bit_is_bitwise_bitsandbytes_cuda_at_8b_shapes(shape, quant_type, nested, dtype, device):
+    """The compiled kernel gives bitsandbytes' CUDA kernel's values bit for bit at the 8B projection shapes
+    (QLoRA's block size 64), and an odd shape that ends inside a block and inside a byte."""
+    w = (torch.randn(*shape, device=device) / shape[1] ** 0.5).to(dtype)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    assert torch.equal(dequantize_4bit(packed, qs), bnbF.dequantize_4bit(packed, qs))
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.int8])

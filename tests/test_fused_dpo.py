@@ -1,7 +1,8 @@
 """fused_linear_dpo_loss vs the unfused float64 path (materialized logits, log_softmax, gather, sum, loss).
 
 The op runs on the `device` fixture for the triton backend (compiled on a GPU, the interpreter on CPU)
-and on the CPU for the torch backend; the float64 references are always computed on the CPU.
+and on the CPU for the torch backend; the float64 references are always computed on the CPU. Cases marked
+gpu-* run only on CUDA (tests/gpu_cases.py).
 """
 import math
 
@@ -11,6 +12,9 @@ import torch
 from dpo_fast import dpo_loss, fused_linear_dpo_loss
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.linear_log_probs import chunking
+from gpu_cases import gpu_case
+
+pytestmark = pytest.mark.kernels
 
 
 def _dev(backend: str, device: str) -> str:
@@ -93,6 +97,62 @@ def test_sigmoid_matches_unfused(backend, trainable, device):
         assert math.isclose(metrics[k], v.item(), rel_tol=1e-4, abs_tol=1e-5), (k, metrics[k], v.item())
 
 
+@pytest.mark.parametrize("dtype,trainable,size", [
+    pytest.param(torch.bfloat16, False, (2, 13, 24, 301), id="bf16-frozen"),
+    pytest.param(torch.bfloat16, True, (2, 13, 24, 301), id="bf16-trainable"),
+    gpu_case(torch.float32, False, (4, 97, 136, 5000 + 11), id="fp32-frozen"),
+    gpu_case(torch.float32, True, (4, 97, 136, 5000 + 11), id="fp32-trainable"),
+    gpu_case(torch.bfloat16, False, (4, 97, 136, 5000 + 11), id="bf16-frozen"),
+])
+def test_sigmoid_no_worse_than_unfused_in_the_same_dtype(dtype, trainable, size, device):
+    """Low precision, and fp32 at sizes where rounding adds up: a sequence log-prob sums ~100 terms of
+    magnitude ~8, so the unfused path in the same dtype on the same device already loses ~1e-5 relative on
+    the margin and ~3e-5 on grad_h in fp32 (measured on an H200 and on the CPU). The fused path may be at
+    most twice that error against float64, and never needs to beat 1e-5 (fp32) / 1e-2 (bf16)."""
+    b, t, d, vocab = size
+    beta, floor = 0.3, {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    hidden, weight, labels = _batch(b, t, d, vocab)
+    hidden, weight = hidden.detach().to(dtype), weight.detach().to(dtype)
+    labels[-1] = -100  # one rejected completion entirely masked
+    ref_hidden = (hidden.float() + 0.1 * torch.randn(hidden.shape)).to(dtype)
+
+    def leaves(dev):
+        return hidden.to(dev).clone().requires_grad_(), weight.to(dev).clone().requires_grad_(trainable)
+
+    def unfused(hh, ww, rh, lab):  # materialized logits in the inputs' dtype, log-softmax in fp32 (or float64)
+        def seq(x, wt):
+            z = x @ wt.t()
+            lp = torch.log_softmax(z if z.dtype == torch.float64 else z.float(), -1)
+            return torch.where(lab != -100, lp.gather(-1, lab.clamp_min(0)[..., None]).squeeze(-1), 0.0).sum(1)
+
+        pol = seq(hh, ww)
+        with torch.no_grad():
+            ref = seq(rh, ww.detach())
+        margin = (pol[:b] - ref[:b]) - (pol[b:] - ref[b:])
+        return -torch.nn.functional.logsigmoid(beta * margin).mean(), beta * (pol[:b] - ref[:b]).mean()
+
+    h, w = leaves(device)
+    with use_backend("triton"):
+        loss, metrics = fused_linear_dpo_loss(h, w, labels.to(device), ref_hidden=ref_hidden.to(device), beta=beta)
+        loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_(trainable)
+    ref_loss, ref_chosen = unfused(h64, w64, ref_hidden.double(), labels)
+    ref_loss.backward()
+    hb, wb = leaves(device)
+    base_loss, base_chosen = unfused(hb, wb, ref_hidden.to(device), labels.to(device))
+    base_loss.backward()
+    got = {"loss": _rel(loss, ref_loss), "grad_h": _rel(h.grad, h64.grad),
+           "rewards/chosen": abs(metrics["rewards/chosen"] - ref_chosen.item())}
+    base = {"loss": _rel(base_loss, ref_loss), "grad_h": _rel(hb.grad, h64.grad),
+            "rewards/chosen": abs(base_chosen.item() - ref_chosen.item())}
+    if trainable:
+        got["grad_w"], base["grad_w"] = _rel(w.grad, w64.grad), _rel(wb.grad, w64.grad)
+    for key, err in got.items():
+        scale = max(1.0, abs(ref_chosen.item())) if key == "rewards/chosen" else 1.0  # an absolute difference
+        assert err <= max(floor * scale, 2 * base[key]), (key, err, base[key])
+    assert (h.grad[-1] == 0).all()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(
     "opts",
@@ -172,6 +232,41 @@ def test_softcap_matches_unfused(backend, trainable, device):
               "entropy": (-(p * p.log()).sum(-1))[mask].mean()}
     for k, v in expect.items():
         assert math.isclose(metrics[k], v.item(), rel_tol=1e-4, abs_tol=1e-5), (k, metrics[k], v.item())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "simpo"])
+def test_average_log_prob_length_normalising_types_divide_once(backend, loss_type, device):
+    """average_log_prob=True gives per-token means; ipo / sigmoid_norm / simpo use them as TRL's formulas do,
+    without dividing by the completion length again (float64 reference written from the formulas)."""
+    b, t, d, vocab, beta, gamma = 3, 23, 16, 211, 0.3, 0.5
+    # completions of very different lengths (1 to 14 tokens): a second division would change every pair
+    hidden, weight, labels = _batch(b, t, d, vocab, lengths=[14, 1, 6, 2, 13, 9], device=_dev(backend, device))
+    ref_hidden = hidden.detach() + 0.3 * torch.randn_like(hidden)
+    with use_backend(backend), chunking(8, 64):
+        loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, beta=beta,
+                                              loss_type=loss_type, average_log_prob=True, simpo_gamma=gamma)
+        loss.backward()
+    pol, ref, _, mask, h, _ = _unfused(hidden, weight, labels, ref_hidden, average=True)  # per-token means
+    lengths = mask.sum(1)
+    assert lengths.min() == 1 and lengths.max() >= 9
+    pc, pr, rc, rr = pol[:b], pol[b:], ref[:b], ref[b:]
+    if loss_type == "ipo":  # TRL: (h - 1 / (2 beta))^2 with h the difference of mean log-ratios
+        losses = (((pc - rc) - (pr - rr)) - 1 / (2 * beta)) ** 2
+        rewards = beta * (pc - rc), beta * (pr - rr)
+    elif loss_type == "sigmoid_norm":  # -log sigmoid(beta * h), h of mean log-ratios
+        losses = -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+        rewards = beta * (pc - rc), beta * (pr - rr)
+    else:  # SimPO (reference-free): -log sigmoid(beta * (mean logp_c - mean logp_r) - gamma)
+        losses = -torch.nn.functional.logsigmoid(beta * (pc - pr) - gamma)
+        rewards = beta * pc, beta * pr
+    want = losses.mean()
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, abs(want.item()))
+    assert _rel(hidden.grad, h.grad) < 1e-5
+    assert math.isclose(metrics["rewards/chosen"], rewards[0].mean().item(), rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(metrics["rewards/rejected"], rewards[1].mean().item(), rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(metrics["logps/chosen"], pc.mean().item(), rel_tol=1e-5, abs_tol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -1,7 +1,8 @@
 """linear_log_probs vs a float64 autograd reference: Triton kernels (interpreter on CPU) and torch path.
 
 The op runs on the `device` fixture for the triton backend (compiled on a GPU, the interpreter on CPU)
-and on the CPU for the torch backend; the float64 references are always computed on the CPU.
+and on the CPU for the torch backend (with a GPU, also on it: "torch-cuda"); the float64 references are
+always computed on the CPU. Cases marked gpu-* run only on CUDA (tests/gpu_cases.py).
 """
 import warnings
 
@@ -12,13 +13,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dpo_fast import linear_log_probs
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.linear_log_probs import chunking, compacted_log_probs, linear_log_probs_with_stats
+from gpu_cases import CUDA, gpu_case
 
-BACKENDS = ["torch", "triton"]
+pytestmark = pytest.mark.kernels
+BACKENDS = ["torch", "triton"] + (["torch-cuda"] if CUDA else [])
 
 
 def _dev(backend: str, device: str) -> str:
-    """Where the op's inputs live: the test device for Triton, the CPU for the torch mirror."""
-    return device if backend == "triton" else "cpu"
+    """Where the op's inputs live: the test device for Triton, the CPU for the torch mirror (or the GPU)."""
+    return {"triton": device, "torch-cuda": "cuda"}.get(backend, "cpu")
+
+
+def _use(backend: str):
+    """The backend context of a BACKENDS entry."""
+    return use_backend(backend.split("-")[0])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,15 +80,16 @@ def _materialized_lowp(hidden, weight, bias, labels):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize(
     "shape,d,vocab,chunks",
-    [((3, 23), 72, 1013, (16, 300)), ((37,), 40, 517, (8, 128)), ((2, 9), 33, 1000 + 13, None)],
-    ids=["odd3d", "odd1d", "default-chunks"],
+    [pytest.param((3, 23), 72, 1013, (16, 300), id="odd3d"), pytest.param((37,), 40, 517, (8, 128), id="odd1d"),
+     pytest.param((2, 9), 33, 1000 + 13, None, id="default-chunks"),
+     gpu_case((4, 250), 264, 32000 + 13, None, id="32k-vocab")],
 )
 def test_fp32_matches_float64(backend, trainable, with_bias, shape, d, vocab, chunks, device):
     dev = _dev(backend, device)
     hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, trainable, with_bias, device=dev)
     grad_out = torch.randn(shape)
     ctx = chunking(*chunks) if chunks else _null()
-    with use_backend(backend), ctx:
+    with _use(backend), ctx:
         out = linear_log_probs(hidden, weight, labels, bias=bias)
         (out * grad_out.to(dev)).sum().backward()
     ref, (h64, w64, b64), _, mask = _reference(hidden, weight, bias, labels)
@@ -108,19 +117,21 @@ class _null:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_accuracy(backend, trainable, dtype, device):
-    shape, d, vocab = (4, 31), 72, 1013
+@pytest.mark.parametrize("shape,d,vocab,chunks", [pytest.param((4, 31), 72, 1013, (32, 300), id="odd"),
+                                                  gpu_case((4, 250), 264, 32000 + 13, None, id="32k-vocab")])
+def test_low_precision_accuracy(backend, trainable, with_bias, dtype, shape, d, vocab, chunks, device):
     dev = _dev(backend, device)
-    hidden, weight, bias, labels = _make(shape, d, vocab, dtype, trainable, with_bias=False, device=dev)
+    hidden, weight, bias, labels = _make(shape, d, vocab, dtype, trainable, with_bias=with_bias, device=dev)
     grad_out = torch.randn(shape)
-    with use_backend(backend), chunking(32, 300):
-        out = linear_log_probs(hidden, weight, labels)
+    with _use(backend), chunking(*chunks) if chunks else _null():
+        out = linear_log_probs(hidden, weight, labels, bias=bias)
         (out * grad_out.to(dev)).sum().backward()
-    ref, (h64, w64, _), _, _ = _reference(hidden, weight, None, labels)
+    ref, (h64, w64, _), _, _ = _reference(hidden, weight, bias, labels)
     (ref * grad_out).sum().backward()
     # the low-precision baseline runs on the same device as the op (same GEMM library, same rounding)
-    base, hb, wb = _materialized_lowp(hidden, weight, None, labels)
+    base, hb, wb = _materialized_lowp(hidden, weight, bias, labels)
     (base * grad_out.to(dev)).sum().backward()
     err = {"logp": _rel(out, ref), "grad_h": _rel(hidden.grad, h64.grad)}
     base_err = {"logp": _rel(base, ref), "grad_h": _rel(hb.grad, h64.grad)}
@@ -134,10 +145,11 @@ def test_low_precision_accuracy(backend, trainable, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stats_match_reference(backend, device):
-    shape, d, vocab = (2, 17), 40, 777
+@pytest.mark.parametrize("shape,d,vocab,chunks", [pytest.param((2, 17), 40, 777, (8, 200), id="odd"),
+                                                  gpu_case((3, 111), 200, 20000 + 7, None, id="20k-vocab")])
+def test_stats_match_reference(backend, shape, d, vocab, chunks, device):
     hidden, weight, bias, labels = _make(shape, d, vocab, torch.float32, False, True, device=_dev(backend, device))
-    with use_backend(backend), chunking(8, 200):
+    with _use(backend), chunking(*chunks) if chunks else _null():
         out, stats = linear_log_probs_with_stats(hidden, weight, labels, bias=bias, stats=True)
     stats = {k: v.cpu() for k, v in stats.items()}
     ref, _, z, mask = _reference(hidden, weight, bias, labels)
@@ -159,7 +171,7 @@ def test_all_ignored_gives_zeros_and_zero_grad(backend, trainable, device):
     hidden = torch.randn(3, 5, 16).to(dev).requires_grad_()
     weight = torch.randn(50, 16).to(dev).requires_grad_(trainable)
     labels = torch.full((3, 5), -100, device=dev)
-    with use_backend(backend):
+    with _use(backend):
         out = linear_log_probs(hidden, weight, labels)
         assert out.requires_grad
         out.sum().backward()
@@ -173,7 +185,7 @@ def test_all_ignored_gives_zeros_and_zero_grad(backend, trainable, device):
 def test_custom_ignore_index_and_no_grad_forward(backend, device):
     hidden, weight, _, labels = _make((4, 11), 24, 300, torch.float32, False, False, device=_dev(backend, device))
     labels = torch.where(labels == -100, torch.full_like(labels, 7777), labels)
-    with use_backend(backend), torch.no_grad():
+    with _use(backend), torch.no_grad():
         out = linear_log_probs(hidden, weight, labels, ignore_index=7777)
     ref, _, _, _ = _reference(hidden, weight, None, torch.where(labels == 7777, -100, labels))
     assert not out.requires_grad
@@ -188,7 +200,7 @@ def test_confident_tokens_keep_gradient_accuracy(backend):
     weight = torch.randn(vocab, d)
     labels = torch.randint(0, vocab, (20,))
     hidden = (weight[labels] * 0.5).clone().requires_grad_()  # p_y ~ 1 - 1e-4: the label dominates
-    with use_backend(backend):
+    with _use(backend):
         out = linear_log_probs(hidden, weight, labels)
     g = torch.randn(20)
     (out * g).sum().backward()
@@ -368,9 +380,47 @@ def test_autocast_does_not_recast_the_sweep(backend, device):
     """Under bf16 autocast the fp32 head still computes in fp32 (tiles and accumulators)."""
     dev = _dev(backend, device)
     hidden, weight, _, labels = _make((2, 7), 24, 300, torch.float32, True, False, device=dev)
-    with use_backend(backend), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+    with _use(backend), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
         out = linear_log_probs(hidden, weight, labels)
         out.sum().backward()
     ref, (h64, w64, _), _, _ = _reference(hidden, weight, None, labels)
     ref.sum().backward()
     assert _rel(out, ref) < 1e-5 and _rel(hidden.grad, h64.grad) < 1e-5 and _rel(weight.grad, w64.grad) < 1e-5
+
+
+def _float64_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, g: torch.Tensor, chunk: int = 16384):
+    """float64 logp and d(sum g * logp)/dh of a few rows, sweeping the vocabulary in chunks (no float64 copy
+    of the whole weight): logp = z_y - lse(z), grad_h = g * (W[y] - softmax(z) W)."""
+    h64 = h.double()
+    z = torch.cat([h64 @ w[v0:v0 + chunk].double().t() for v0 in range(0, w.shape[0], chunk)], dim=1)
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse[:, None])
+    e = sum(p[:, v0:v0 + chunk] @ w[v0:v0 + chunk].double() for v0 in range(0, w.shape[0], chunk))
+    return z.gather(1, y[:, None]).squeeze(1) - lse, g.double()[:, None] * (w.index_select(0, y).double() - e)
+
+
+@pytest.mark.parametrize("n,d,vocab", [pytest.param(80, 16, 300, id="toy"),
+                                       gpu_case(8192, 4096, 128256, id="llama3-8b-head")])
+def test_bf16_frozen_head_agrees_with_torch_backend_and_float64_rows(n, d, vocab, device):
+    """The frozen bf16 head at the Llama-3-8B shape (on CUDA; a toy size elsewhere): the triton backend and
+    the torch mirror on the same device agree, and both match float64 on a sample of 64 scored rows."""
+    hidden = torch.randn(n, d, device=device).to(torch.bfloat16)
+    weight = (torch.randn(vocab, d, device=device) * d ** -0.5 * 3).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    labels[torch.rand(n, device=device) < 0.1] = -100
+    g = torch.randn(n, device=device)
+    outs = {}
+    for backend in ("triton", "torch"):
+        h = hidden.clone().requires_grad_()
+        with use_backend(backend):
+            out = linear_log_probs(h, weight, labels)
+            (out * g).sum().backward()
+        outs[backend] = (out.detach(), h.grad)
+    assert _rel(outs["triton"][0], outs["torch"][0]) < 1e-2
+    assert _rel(outs["triton"][1], outs["torch"][1]) < 1e-2
+    rows = torch.nonzero(labels != -100).squeeze(1)
+    rows = rows[torch.randperm(rows.numel(), device=device)[:64]]
+    logp64, grad64 = _float64_rows(hidden[rows], weight, labels[rows], g[rows])
+    for backend, (out, grad) in outs.items():
+        assert _rel(out[rows], logp64) < 1e-2, backend
+        assert _rel(grad[rows], grad64) < 1e-2, backend

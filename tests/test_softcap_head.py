@@ -10,6 +10,7 @@ from dpo_fast import linear_log_probs
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.linear_log_probs import chunking, compacted_log_probs, linear_log_probs_with_stats
 
+pytestmark = pytest.mark.kernels
 BACKENDS = ["torch", "triton"]
 IGNORE = -100
 

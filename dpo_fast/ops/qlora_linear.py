@@ -62,10 +62,17 @@ def is_4bit_base(base: nn.Module) -> bool:
     return l4 is not None and isinstance(base, l4)
 
 
+def quant_state(base: nn.Module):
+    """A 4-bit base's bitsandbytes QuantState: on its weight, or on the layer when a wrapper replaced the weight
+    (FSDP registers a plain tensor while it gathers a sharded layer; bitsandbytes keeps the state on the layer)."""
+    qs = getattr(base.weight, "quant_state", None)
+    return qs if qs is not None else getattr(base, "quant_state", None)
+
+
 def is_supported_base(base: nn.Module) -> bool:
     """True for a frozen nn.Linear or bitsandbytes Linear4bit (the bases this op handles)."""
     if is_4bit_base(base):
-        qs = getattr(base.weight, "quant_state", None)
+        qs = quant_state(base)
         return qs is not None and not getattr(qs, "packing_format_for_cpu", False) and not base.weight.requires_grad
     if type(base) is nn.Linear:
         return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
@@ -118,9 +125,9 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         w = base.weight
         if base.__dict__.get(TRITON_DEQUANT) and select_backend(w.data) == "triton":
             from ..kernels.dequant_4bit import dequantize_4bit
-            return dequantize_4bit(w.data, w.quant_state).to(dtype)
+            return dequantize_4bit(w.data, quant_state(base)).to(dtype)
         import bitsandbytes.functional as bnbF
-        return bnbF.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        return bnbF.dequantize_4bit(w.data, quant_state(base)).to(dtype)
     if isinstance(base, nn.Linear):
         return base.weight.to(dtype)
     raise TypeError(f"base must be nn.Linear or bitsandbytes Linear4bit, got {type(base).__name__}")

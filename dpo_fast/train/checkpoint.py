@@ -15,7 +15,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -28,13 +28,18 @@ STATE_JSON = "trainer_state.json"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
-def save_model_weights(model: torch.nn.Module, directory: str) -> None:
-    """The trainable weights: the "default" LoRA adapter (peft format) or the whole model."""
+def save_model_weights(model: torch.nn.Module, directory: str,
+                       state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """The trainable weights: the "default" LoRA adapter (peft format) or the whole model.
+
+    state_dict: the model's weights gathered beforehand (a sharded model's parameters are not whole).
+    """
     os.makedirs(directory, exist_ok=True)
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
     if is_peft_model(model):
-        model.save_pretrained(directory, selected_adapters=["default"])
+        model.save_pretrained(directory, selected_adapters=["default"], **kwargs)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **kwargs)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -53,17 +58,27 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    scheduler: Any, state: Dict[str, Any]) -> str:
-    """Write a complete, resumable checkpoint to directory (atomically: tmp dir then rename)."""
+                    scheduler: Any, state: Dict[str, Any], *, weights: Optional[Dict[str, torch.Tensor]] = None,
+                    optimizer_state: Optional[Dict[str, Any]] = None,
+                    rng_per_rank: Optional[List[Dict[str, Any]]] = None) -> str:
+    """Write a complete, resumable checkpoint to directory (atomically: tmp dir then rename).
+
+    A multi-process run passes what it gathered: `weights` and `optimizer_state` of a sharded model, and
+    every process's RNG state (`rng_per_rank`, restored per rank on resume).
+    """
     tmp = directory.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_weights(model, tmp)
+    save_model_weights(model, tmp, state_dict=weights)
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     payload = {
         "state": dict(state),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(),
+        "rng": rng_state() if rng_per_rank is None else rng_per_rank[0],
     }
+    if rng_per_rank is not None:
+        payload["rng_per_rank"] = list(rng_per_rank)
     torch.save(payload, os.path.join(tmp, STATE_FILE))
     with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as fh:
         json.dump(state, fh, indent=2, default=str)
@@ -100,19 +115,31 @@ def load_trainable_weights(model: torch.nn.Module, directory: str) -> None:
 
 
 def load_checkpoint(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    scheduler: Any, *, restore_rng: bool = True) -> Dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from directory; returns the saved step state."""
+                    scheduler: Any, *, restore_rng: bool = True, rank: int = 0,
+                    load_weights: Optional[Callable[[torch.nn.Module, str], None]] = None,
+                    load_optimizer: Optional[Callable[[torch.optim.Optimizer, Dict[str, Any]], None]] = None
+                    ) -> Dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from directory; returns the saved step state.
+
+    rank: the process whose RNG state to restore when the checkpoint holds one per process (a process
+    beyond those saved keeps the common one). load_weights / load_optimizer replace the plain loaders (a
+    sharded model loads whole tensors into its shards).
+    """
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"resume: {directory!r} is not a dpo_fast checkpoint (no {STATE_FILE})")
-    load_trainable_weights(model, directory)
+    (load_weights or load_trainable_weights)(model, directory)
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if optimizer is not None and payload.get("optimizer") is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        if load_optimizer is None:
+            optimizer.load_state_dict(payload["optimizer"])
+        else:
+            load_optimizer(optimizer, payload["optimizer"])
     if scheduler is not None and payload.get("scheduler") is not None:
         scheduler.load_state_dict(payload["scheduler"])
     if restore_rng:
-        set_rng_state(payload["rng"])
+        per_rank = payload.get("rng_per_rank") or []
+        set_rng_state(per_rank[rank] if rank < len(per_rank) else payload["rng"])
     return payload["state"]
 
 

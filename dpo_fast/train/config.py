@@ -42,7 +42,10 @@ class TrainConfig:
     adapter: Optional[str] = None  # continue an existing LoRA adapter (frozen "ref" copy as reference)
     patch: bool = True  # patch the model with dpo_fast (fused head, kernels)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: str = "auto"
+    device: str = "auto"  # several processes (torchrun / accelerate launch): each takes cuda:LOCAL_RANK
+    # several processes: shard the model over them with FSDP2 (each decoder layer and the rest), instead of
+    # one replica per process (DDP); LoRA only (4-bit bases included); see docs/multi-gpu.md
+    fsdp: bool = False
     gradient_checkpointing: bool = False
     # gradient checkpointing that keeps each decoder layer's input in pinned CPU memory until the backward
     # copies it back, the copies overlapping compute (dpo_fast.ops.offload_checkpoint, Unsloth's "smart"
@@ -140,6 +143,12 @@ class TrainConfig:
             raise ValueError(f"epochs: must be > 0 when max_steps is not set, got {self.epochs}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm}")
+        if self.fsdp and not self.use_lora:
+            raise ValueError("fsdp: sharding is implemented for LoRA training (4-bit or not); a full fine-tune "
+                             "trains on several processes without --fsdp (one replica each)")
+        if self.fsdp and self.merge:
+            raise ValueError("merge: a sharded (--fsdp) run writes the adapter only; merge it afterwards in one "
+                             "process (dpo-fast's merge needs the whole base model in memory)")
         if self.merge and self.load_in_4bit:
             raise ValueError("merge: merged weights can only be written for non-quantized bases")
         if self.adapter is not None and not self.use_lora:

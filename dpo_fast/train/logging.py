@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, List, Optional
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
@@ -66,11 +67,65 @@ def _to_float(value: Any) -> Any:
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """Records of a metrics.jsonl file (empty list when it does not exist)."""
+    """Records of a metrics.jsonl file (empty list when it does not exist).
+
+    A crash while a record was being written leaves a torn last line: it is dropped with a
+    warning (the run resumes from a checkpoint and logs that step again). An unreadable line
+    anywhere else means the file was damaged otherwise: a ValueError names the file and line.
+    """
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [(n, line) for n, line in enumerate(fh, start=1) if line.strip()]
+    records: List[Dict[str, Any]] = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not a record")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}, line {lineno}: dropped a torn last record ({detail}); "
+                              "a run stopped while writing it", RuntimeWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {lineno}: not a metrics record ({detail}); the file is damaged: "
+                             "remove that line (or the file, to drop the logged history) and retry") from None
+        records.append(record)
+    return records
+
+
+def run_title(stage: str, loss_type: Optional[Sequence[str]] = None, beta: Optional[float] = None) -> str:
+    """A plot title naming the run's loss, e.g. "dpo_fast dpo: sigmoid + sft (RPO), beta 0.1"."""
+    if stage != "dpo" or not loss_type:
+        return f"dpo_fast {stage}"
+    types = loss_type.split(",") if isinstance(loss_type, str) else [str(t) for t in loss_type]
+    name = " + ".join(types)
+    if sorted(types) == ["sft", "sigmoid"]:
+        name += " (RPO: DPO + NLL of the chosen)"
+    elif types == ["sigmoid"]:
+        name += " (plain DPO)"
+    return f"dpo_fast dpo: {name}" + (f", beta {beta:g}" if beta is not None else "")
+
+
+def plot_points(records: Iterable[Dict[str, Any]], key: str) -> List[Tuple[float, float]]:
+    """(step, value) of `key` in the records, as plotted.
+
+    TRL's reward accuracy counts a tie as a miss, so where every pair ties (the record's reward
+    accuracy and mean margin are both exactly 0: every margin is 0, as at step 0 when the policy
+    is its reference) it reads 0.0 although no pair is ranked either way; such a point is
+    plotted at chance, 0.5.
+    """
+    prefix = "eval_" if key.startswith("eval_") else ""
+    points = []
+    for r in records:
+        value = r.get(key)
+        if not isinstance(value, float):
+            continue
+        if key.endswith("rewards/accuracies") and value == 0.0 and r.get(prefix + "rewards/margins") == 0.0:
+            value = 0.5
+        points.append((r["step"], value))
+    return points
 
 
 def plot_metrics(records: Iterable[Dict[str, Any]], png_path: str, title: str = "dpo_fast") -> str:
@@ -86,10 +141,12 @@ def plot_metrics(records: Iterable[Dict[str, Any]], png_path: str, title: str = 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for prefix, style in (("", "-"), ("eval_", "o--")):
-            pts = [(r["step"], r[prefix + key]) for r in records if isinstance(r.get(prefix + key), float)]
+            pts = plot_points(records, prefix + key)
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, label=("eval" if prefix else "train"), markersize=4)
+        if key == "rewards/accuracies":
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="chance (0.5)")
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)

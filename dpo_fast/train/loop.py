@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from .distributed import Parallel, gradient_sync, loss_scale, metric_weights
 from .optim import clip_gradients
 
 LossFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, Any]]]
@@ -100,35 +101,48 @@ def pairs_in(batch: Dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: Sequence[Dict[str, Any]], collate: Callable, loss_fn: LossFn, *,
-             batch_size: int, device: torch.device, precision: str = "auto", prefix: str = "eval_") -> Dict[str, float]:
-    """Mean loss and metrics over examples (eval mode, no grad), keys prefixed as TRL does."""
+             batch_size: int, device: torch.device, precision: str = "auto", prefix: str = "eval_",
+             parallel: Optional[Parallel] = None) -> Dict[str, float]:
+    """Mean loss and metrics over examples (eval mode, no grad), keys prefixed as TRL does.
+
+    With a multi-process `parallel`, each process evaluates its contiguous share (every process runs the
+    same number of batches, padding with weight-0 batches) and the pair-weighted means are taken over all.
+    """
     if not examples:
         return {}
+    multi = parallel is not None and parallel.enabled
+    mine = parallel.share(examples) if multi else list(examples)
+    n_batches = parallel.most_batches(len(examples), batch_size) if multi else -(-len(mine) // batch_size)
     was_training = model.training
     model.eval()
     dtype = autocast_dtype(device, precision)
     items = []
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = to_device(collate(list(examples[start:start + batch_size])), device)
+        for j in range(n_batches):
+            part = mine[j * batch_size:(j + 1) * batch_size]
+            batch = to_device(collate(part or list(examples[:1])), device)
             with autocast(device, dtype):
                 loss, metrics = loss_fn(model, batch)
             metrics = dict(metrics)
             metrics["loss"] = loss.detach()
-            items.append((metrics, float(pairs_in(batch))))
+            items.append((metrics, float(pairs_in(batch)) if part else 0.0))
     finally:
         model.train(was_training)
-    return {prefix + k: v for k, v in _mean_metrics(items).items()}
+    means = parallel.reduce_mean(items) if multi else _mean_metrics(items)
+    return {prefix + k: v for k, v in means.items()}
 
 
 class StopFlag:
     """Set by SIGINT (Ctrl-C) while installed: the loop stops after the current step.
 
-    A second Ctrl-C raises KeyboardInterrupt at once.
+    A second Ctrl-C raises KeyboardInterrupt at once, unless `escalate` is False: under torchrun each
+    process gets Ctrl-C twice (from the terminal, and forwarded by the launcher), and a process that left
+    mid-step would leave the others waiting in a collective.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool = True) -> None:
         self.requested = False
+        self.escalate = escalate
         self._previous = None
 
     def __enter__(self) -> "StopFlag":
@@ -138,7 +152,7 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and self.escalate:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -152,32 +166,46 @@ def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
              examples: Sequence[Dict[str, Any]], collate: Callable, order_fn: OrderFn, loss_fn: LossFn,
              state: LoopState, grad_accum: int, max_grad_norm: Optional[float], device: torch.device,
              precision: str = "auto", on_step: Optional[Callable[[LoopState, Dict[str, float]], None]] = None,
-             stop: Optional[StopFlag] = None) -> LoopState:
-    """Run optimizer steps until state.total_steps (or a stop request). `on_step` sees each step's metrics."""
+             stop: Optional[StopFlag] = None, parallel: Optional[Parallel] = None,
+             loss_weight: Optional[Callable[[Dict[str, torch.Tensor]], float]] = None) -> LoopState:
+    """Run optimizer steps until state.total_steps (or a stop request). `on_step` sees each step's metrics.
+
+    With a multi-process `parallel` (dpo_fast.train.distributed), `order_fn` gives the global micro-batches,
+    each process runs its share, gradients synchronise on a step's last micro-batch only, and the metrics
+    are those of the global micro-batches. `loss_weight(batch)` is what the loss is a mean over (default:
+    pairs).
+    """
     dtype = autocast_dtype(device, precision)
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(order_fn, state.micro)
+    multi = parallel is not None and parallel.enabled
     model.train()
     while state.step < state.total_steps:
-        if stop is not None and stop.requested:
+        requested = stop is not None and stop.requested
+        if parallel.any(requested) if multi else requested:  # every process stops after the same step
             state.interrupted = True
             break
         t0 = time.perf_counter()
         items, tokens = [], 0
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(grad_accum):
-            index, indices = next(stream)
-            batch = to_device(collate([examples[i] for i in indices]), device)
-            with autocast(device, dtype):
-                loss, metrics = loss_fn(model, batch)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; stopping")
-            (loss / grad_accum).backward()
-            metrics = dict(metrics)
-            metrics["loss"] = loss.detach()
-            items.append((metrics, float(pairs_in(batch))))
-            tokens += int(batch["attention_mask"].sum())
-            state.micro = index + 1
+        if multi:
+            items, tokens = _parallel_micro_batches(model, stream, parallel, examples=examples, collate=collate,
+                                                    loss_fn=loss_fn, state=state, grad_accum=grad_accum,
+                                                    device=device, dtype=dtype, loss_weight=loss_weight)
+        else:
+            for _ in range(grad_accum):
+                index, indices = next(stream)
+                batch = to_device(collate([examples[i] for i in indices]), device)
+                with autocast(device, dtype):
+                    loss, metrics = loss_fn(model, batch)
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; stopping")
+                (loss / grad_accum).backward()
+                metrics = dict(metrics)
+                metrics["loss"] = loss.detach()
+                items.append((metrics, float(pairs_in(batch))))
+                tokens += int(batch["attention_mask"].sum())
+                state.micro = index + 1
         grad_norm, finite = clip_gradients(params, max_grad_norm)
         if finite:
             optimizer.step()
@@ -196,3 +224,36 @@ def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
         if on_step is not None:
             on_step(state, record)
     return state
+
+
+def _parallel_micro_batches(model: torch.nn.Module, stream: Iterator[Tuple[int, List[int]]], parallel: Parallel, *,
+                            examples: Sequence[Dict[str, Any]], collate: Callable, loss_fn: LossFn, state: LoopState,
+                            grad_accum: int, device: torch.device, dtype: Optional[torch.dtype],
+                            loss_weight: Optional[Callable[[Dict[str, torch.Tensor]], float]]
+                            ) -> Tuple[List[Tuple[Dict[str, float], float]], float]:
+    """One optimizer step's forwards and backwards on this process's shares of the global micro-batches.
+
+    Returns the global micro-batches' (metrics, pairs) and the step's token count over all processes.
+    """
+    local = []
+    for k in range(grad_accum):
+        index, indices = next(stream)
+        part = parallel.share(indices)
+        # an empty share still runs (one pair at weight 0) so that every process runs the same collectives
+        batch = to_device(collate([examples[i] for i in (part or indices[:1])]), device)
+        pairs = float(pairs_in(batch)) if part else 0.0
+        weight = (pairs if loss_weight is None else float(loss_weight(batch))) if part else 0.0
+        global_weight = float(len(indices)) if loss_weight is None else parallel.all_sum([weight])[0]
+        with gradient_sync(model, sync=k == grad_accum - 1):
+            with autocast(device, dtype):
+                loss, metrics = loss_fn(model, batch)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1} on process "
+                                         f"{parallel.rank}; stopping")
+            (loss * (loss_scale(parallel, weight, global_weight) / grad_accum)).backward()
+        metrics = dict(metrics)
+        metrics["loss"] = loss.detach()
+        local.append((metrics, pairs, weight, float(batch["attention_mask"].sum()) if part else 0.0,
+                      metric_weights(batch)))
+        state.micro = index + 1
+    return parallel.reduce_micro_batches(local)

@@ -6,11 +6,13 @@ DPO reference; with a fresh adapter the reference is the base (adapters disabled
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -110,7 +112,10 @@ def load_base_model(spec: Any, *, load_in_4bit: bool = False, device: torch.devi
         kwargs: dict = {"dtype": dtype}
         if load_in_4bit:
             kwargs["quantization_config"] = bnb_4bit_config()
-            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+            if device.type == "cuda":  # each process's own GPU (cuda:LOCAL_RANK under torchrun), not always the first
+                kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+            else:
+                kwargs["device_map"] = {"": "cpu"}
         model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
         return model if load_in_4bit else model.to(device)
     import copy
@@ -161,8 +166,22 @@ def default_target_modules(model: torch.nn.Module) -> List[str]:
     return sorted(names)
 
 
+@contextlib.contextmanager
+def _peft_wrapping_quietly():
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, which
+    prints a FutureWarning in every run; that warning alone is silenced while peft wraps the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) -> torch.nn.Module:
     """Wrap in peft: a fresh LoRA adapter, or cfg.adapter continued with a frozen "ref" copy."""
+    with _peft_wrapping_quietly():
+        return _apply_lora(model, cfg, quantized=quantized)
+
+
+def _apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) -> torch.nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:

@@ -83,5 +83,7 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm) -> Tuple[floa
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP's sharded gradients give a distributed norm
+        norm = norm.full_tensor()
     value = float(norm)
     return value, math.isfinite(value)

@@ -68,19 +68,33 @@ def compute_reference_logps(model: torch.nn.Module, examples: Sequence[Dict[str,
 def load_or_compute(cache_root: str, key: str, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
                     *, expected_len: int) -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """(chosen, rejected, from_cache): load cache_root/ref_cache/<key>.pt or compute and write it."""
+    cached = load_cached(cache_root, key, expected_len=expected_len)
+    if cached is not None:
+        return cached[0], cached[1], True
+    chosen, rejected = compute()
+    write_cache(cache_root, key, chosen, rejected)
+    return chosen, rejected, False
+
+
+def load_cached(cache_root: str, key: str, *, expected_len: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(chosen, rejected) from cache_root/ref_cache/<key>.pt, or None when absent or of another length."""
     path = cache_path(cache_root, key)
     if os.path.isfile(path):
         data = torch.load(path, map_location="cpu", weights_only=True)
         if data["chosen"].numel() == expected_len and data["rejected"].numel() == expected_len:
-            return data["chosen"], data["rejected"], True
-    chosen, rejected = compute()
+            return data["chosen"], data["rejected"]
+    return None
+
+
+def write_cache(cache_root: str, key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Write cache_root/ref_cache/<key>.pt atomically; non-finite log-probs are an error, not a cache entry."""
     if not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
         raise FloatingPointError("reference log-probs are not finite; not caching them")
+    path = cache_path(cache_root, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     torch.save({"chosen": chosen, "rejected": rejected}, tmp)
     os.replace(tmp, path)
-    return chosen, rejected, False
 
 
 def cache_path(cache_root: str, key: str) -> str:

@@ -43,3 +43,9 @@ def sft_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[to
     metrics = {"loss": loss.detach(), "logps/chosen": (logps.detach().sum(-1)).mean(),
                "num_tokens": count.detach().float()}
     return loss, metrics
+
+
+def scored_tokens(batch: Dict[str, torch.Tensor]) -> float:
+    """How many tokens `sft_loss` averages over in this batch (what its mean is a mean of)."""
+    half = chosen_half(batch)
+    return float((half["completion_mask"].bool() & half["attention_mask"].bool())[:, 1:].sum())

@@ -3,7 +3,10 @@
     trainer = DPOFastTrainer(TrainConfig(model="ckpt/", data="pairs.jsonl", output="out/"))
     result = trainer.train()
 
-Every part lives in its own module of dpo_fast.train; this class only wires them together.
+Every part lives in its own module of dpo_fast.train; this class only wires them together. Launched
+by torchrun or accelerate launch, the same run is data-parallel (dpo_fast.train.distributed): one
+process per device, the model replicated (DDP) or sharded (`fsdp=True`, dpo_fast.train.fsdp), the data
+split so that the optimizer steps are those of one process with batch_size * processes.
 """
 from __future__ import annotations
 
@@ -23,17 +26,21 @@ from dpo_fast.data import (LengthGroupedBatchSampler, PreferenceCollator, exampl
 from dpo_fast.dpo import compute_dpo_loss
 from dpo_fast.forward import sequence_logps
 from dpo_fast.patching.reference import describe_reference, reference_model
+from dpo_fast.state import unwrap_parallel
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
-from .logging import PLOT_FILE, MetricsLogger, ProgressBar, plot_metrics, read_metrics
+from .logging import PLOT_FILE, MetricsLogger, ProgressBar, _to_float, plot_metrics, read_metrics, run_title
 from .loop import LoopState, StopFlag, autocast_dtype, evaluate, run_loop
-from .model_loading import LoadedModel, load_model, resolve_device
+from .model_loading import LoadedModel, load_model
 from .optim import build_optimizer, build_scheduler
 from . import ref_cache
-from .sft import sft_loss
+from .sft import scored_tokens, sft_loss
 
 FINAL_STATE_FILE = "train_config.json"
+#: loss types whose value couples the pairs of a batch: on several processes each computes them on its share
+BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "sft")
 
 
 @dataclass
@@ -66,6 +73,9 @@ class DPOFastTrainer:
     model / tokenizer: optional in-memory objects replacing config.model / config.tokenizer.
     ref_model: an explicit reference model (default: the rule of dpo_fast.patching.reference; a
     frozen copy of the starting weights for a full fine-tune).
+
+    Under torchrun / accelerate launch the constructor joins the process group (dpo_fast.train.distributed)
+    and takes this process's device; only the main process logs and writes files.
     """
 
     def __init__(self, config: TrainConfig, *, model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
@@ -75,10 +85,14 @@ class DPOFastTrainer:
         if config.data is None:
             raise ValueError("data: give a data file, a saved dataset or a list of rows")
         self.cfg = config
-        self.log = log
+        self.parallel = distributed.init_parallel(config.device, sharded=config.fsdp)
+        self.log = log if self.parallel.is_main else _silent
         self._given_model, self._given_tokenizer = model, tokenizer
         self.ref_model = ref_model
-        self.device = resolve_device(config.device)
+        self.device = self.parallel.device
+        if self.parallel.enabled and not config.patch:
+            raise ValueError("patch: several processes train through a DDP / FSDP wrapper, which needs the dpo_fast "
+                             "patch (drop --no-patch)")
         self._ready = False
 
     # ------------------------------------------------------------------------------ set-up
@@ -87,18 +101,28 @@ class DPOFastTrainer:
         if self._ready:
             return self
         cfg = self.cfg
+        par = self.parallel
         seed_everything(cfg.seed)
-        loaded: LoadedModel = load_model(cfg, model=self._given_model, tokenizer=self._given_tokenizer,
-                                         device=self.device)
+        if cfg.fsdp:
+            from .fsdp import load_sharded_model
+
+            loaded: LoadedModel = load_sharded_model(cfg, par, model=self._given_model,
+                                                     tokenizer=self._given_tokenizer)
+        else:
+            loaded = load_model(cfg, model=self._given_model, tokenizer=self._given_tokenizer, device=self.device)
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        if not loaded.quantized:  # bitsandbytes places quantized weights itself
+        if not loaded.quantized and not cfg.fsdp:  # bitsandbytes places quantized weights itself
             self.model.to(self.device)
         is_peft = ckpt.is_peft_model(self.model)
         if cfg.stage == "dpo" and not cfg.reference_free and not is_peft and self.ref_model is None \
                 and not cfg.precompute_ref:
             # full fine-tune: the reference is a frozen copy of the starting weights
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # what runs the loss: the model itself, or its DDP replica (an FSDP model is sharded in place)
+        self.net = distributed.wrap_ddp(self.model, par) if par.enabled and not cfg.fsdp else self.model
+        if par.enabled:
+            torch.manual_seed(cfg.seed + 1_000_003 * par.rank)  # the processes' dropout masks differ
 
         rows, load_report = load_preference_rows(cfg.data, on_bad_row=cfg.on_bad_row)
         self.log(load_report.summary())
@@ -117,15 +141,25 @@ class DPOFastTrainer:
         if cfg.precompute_ref and cfg.stage == "dpo" and not cfg.reference_free:
             self._precompute_reference()
 
+        # the global micro-batches: those of one process with batch_size * processes; each process runs a share
+        self.global_batch_size = cfg.batch_size * par.world_size
         lengths = [example_length(e) for e in self.train_examples]
         if cfg.group_by_length:
-            sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed)
+            sampler = LengthGroupedBatchSampler(lengths, self.global_batch_size, seed=cfg.seed)
             self.order_fn = sampler.batches
         else:
             self.order_fn = self._shuffled_batches
         self.batches_per_epoch = len(self.order_fn(0))
         steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.grad_accum))
         self.total_steps = int(cfg.max_steps) if cfg.max_steps else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        processes = f"{par.world_size} processes" if par.enabled else "1 process"
+        self.log(f"global batch: {cfg.batch_size} pairs per micro-batch x {cfg.grad_accum} grad-accum x {processes} "
+                 f"= {self.global_batch_size * cfg.grad_accum} pairs per optimizer step"
+                 + (" (FSDP: model sharded)" if cfg.fsdp else " (DDP)" if par.enabled else ""))
+        coupled = [t for t in cfg.loss_type if t in BATCH_COUPLED_LOSSES] if cfg.stage == "dpo" else []
+        if par.enabled and coupled:
+            self.log(f"note: loss type(s) {coupled} couple the pairs of a batch; each process computes them on its "
+                     f"{cfg.batch_size} pairs (as TRL under DDP does), so they differ from one process's values")
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self._ready = True
@@ -134,7 +168,7 @@ class DPOFastTrainer:
     def _shuffled_batches(self, epoch: int) -> List[List[int]]:
         order = list(range(len(self.train_examples)))
         random.Random(f"{self.cfg.seed}:{epoch}").shuffle(order)
-        b = self.cfg.batch_size
+        b = self.global_batch_size
         return [order[i:i + b] for i in range(0, len(order), b)]
 
     # ------------------------------------------------------------------------------ losses
@@ -144,10 +178,14 @@ class DPOFastTrainer:
             return sft_loss(model, batch)
         return compute_dpo_loss(model, batch, ref_model=self.ref_model, **self.cfg.loss_options())
 
+    def loss_weight(self, batch: Dict[str, torch.Tensor]) -> float:
+        """What the stage's loss is a mean over in `batch`: pairs (DPO) or scored tokens (SFT)."""
+        return scored_tokens(batch) if self.cfg.stage == "sft" else float(batch["input_ids"].shape[0] // 2)
+
     def reference_logps(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reference sequence log-probs [B], [B]: the same computation compute_dpo_loss runs on the fly."""
         ref_model = self.ref_model
-        if ref_model is None and not ckpt.is_peft_model(model):
+        if ref_model is None and not ckpt.is_peft_model(unwrap_parallel(model)):
             ref_model = model  # full fine-tune, precomputed before any update: the model is the reference
         with reference_model(model, ref_model=ref_model) as ref:
             return sequence_logps(ref, batch, average_log_prob=self.cfg.average_log_prob, ld_alpha=self.cfg.ld_alpha)
@@ -170,12 +208,16 @@ class DPOFastTrainer:
                 continue
             key = ref_cache.cache_key(model_id=self.loaded.model_id, reference=self.reference_description(),
                                       examples=examples, settings=settings)
-            chosen, rejected, hit = ref_cache.load_or_compute(
-                cfg.output, key,
-                lambda: ref_cache.compute_reference_logps(
-                    self.model, examples, self.collate, self.reference_logps, batch_size=cfg.batch_size * 2,
-                    device=self.device, autocast_dtype=autocast_dtype(self.device, cfg.precision)),
-                expected_len=len(examples))
+
+            def compute(examples=examples):
+                return ref_cache.compute_reference_logps(
+                    self.net, examples, self.collate, self.reference_logps, batch_size=cfg.batch_size * 2,
+                    device=self.device, autocast_dtype=autocast_dtype(self.device, cfg.precision))
+
+            if self.parallel.enabled:
+                chosen, rejected, hit = self._shared_reference_logps(key, examples, compute)
+            else:
+                chosen, rejected, hit = ref_cache.load_or_compute(cfg.output, key, compute, expected_len=len(examples))
             self.log(f"reference log-probs for {len(examples)} {name.split('_')[0]} pairs: "
                      + ("loaded from cache" if hit else "computed and cached")
                      + f" ({ref_cache.cache_path(cfg.output, key)})")
@@ -183,13 +225,35 @@ class DPOFastTrainer:
             hits.append(hit)
         self.ref_cache_hits = hits
 
+    def _shared_reference_logps(self, key: str, examples: List[Dict[str, Any]], compute: Callable
+                                ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """Several processes: the main process's cache file, or each process computes its contiguous share
+        (the same number of forwards everywhere, for FSDP's collectives), gathered in order; main writes it."""
+        par, cfg = self.parallel, self.cfg
+        cached = ref_cache.load_cached(cfg.output, key, expected_len=len(examples)) if par.is_main else None
+        cached = par.broadcast_object(cached)
+        if cached is not None:
+            return cached[0], cached[1], True
+        mine = par.share(examples)
+        bs = cfg.batch_size * 2
+        chosen, rejected = compute(mine) if mine else (torch.zeros(0), torch.zeros(0))
+        for _ in range(par.most_batches(len(examples), bs) - math.ceil(len(mine) / bs)):
+            compute(examples[:1])  # a process with fewer batches runs the same forwards
+        parts = par.gather_objects((chosen, rejected))
+        chosen = torch.cat([c for c, _ in parts])
+        rejected = torch.cat([r for _, r in parts])
+        if par.is_main:
+            ref_cache.write_cache(cfg.output, key, chosen, rejected)
+        par.barrier()
+        return chosen, rejected, False
+
     # ------------------------------------------------------------------------------ eval
     def evaluate(self, examples: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
         """Mean loss and TRL metrics (eval_ prefix) over the eval split (or the given examples)."""
         self.setup()
         examples = self.eval_examples if examples is None else examples
-        return evaluate(self.model, examples, self.collate, self.loss_fn, batch_size=self.cfg.batch_size,
-                        device=self.device, precision=self.cfg.precision)
+        return evaluate(self.net, examples, self.collate, self.loss_fn, batch_size=self.cfg.batch_size,
+                        device=self.device, precision=self.cfg.precision, parallel=self.parallel)
 
     # ------------------------------------------------------------------------------ train
     def _resume_dir(self) -> Optional[str]:
@@ -206,28 +270,67 @@ class DPOFastTrainer:
         return found
 
     def save(self, state: LoopState) -> str:
-        """Write OUTPUT/checkpoint-<step> (resumable) and the current weights at OUTPUT's top level."""
-        cfg = self.cfg
+        """Write OUTPUT/checkpoint-<step> (resumable) and the current weights at OUTPUT's top level.
+
+        Several processes: every one takes part (a sharded model's weights and optimizer state are gathered,
+        every process's RNG state is kept), the main process writes, and all wait until it is written.
+        """
+        cfg, par = self.cfg, self.parallel
         directory = os.path.join(cfg.output, f"checkpoint-{state.step}")
-        saved = dict(state.to_dict(), stage=cfg.stage, seed=cfg.seed, config=cfg.to_dict())
-        ckpt.save_checkpoint(directory, self.model, self.optimizer, self.scheduler, saved)
-        ckpt.save_model_weights(self.model, cfg.output)
+        saved = dict(state.to_dict(), stage=cfg.stage, seed=cfg.seed, config=cfg.to_dict(),
+                     world_size=par.world_size, global_batch_size=self.global_batch_size)
+        if not par.enabled and not cfg.fsdp:
+            ckpt.save_checkpoint(directory, self.model, self.optimizer, self.scheduler, saved)
+            ckpt.save_model_weights(self.model, cfg.output)
+            return directory
+        weights = optimizer_state = None
+        if cfg.fsdp:
+            from .fsdp import full_optimizer_state, full_trainable_state
+
+            weights = full_trainable_state(self.model, par)
+            optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        rng = par.gather_objects(ckpt.rng_state())
+        if par.is_main:
+            ckpt.save_checkpoint(directory, self.model, self.optimizer, self.scheduler, saved, weights=weights,
+                                 optimizer_state=optimizer_state, rng_per_rank=rng)
+            ckpt.save_model_weights(self.model, cfg.output, state_dict=weights)
+        par.barrier()
         return directory
+
+    def _load(self, directory: str) -> Dict[str, Any]:
+        """Restore a checkpoint into this process (each process reads it; its own RNG state when saved)."""
+        kwargs: Dict[str, Any] = {}
+        if self.cfg.fsdp:
+            from .fsdp import load_full_optimizer_state, load_full_trainable_state
+
+            kwargs = {"load_weights": load_full_trainable_state,
+                      "load_optimizer": lambda opt, sd: load_full_optimizer_state(self.model, opt, sd)}
+        return ckpt.load_checkpoint(directory, self.model, self.optimizer, self.scheduler, rank=self.parallel.rank,
+                                    **kwargs)
 
     def train(self) -> TrainResult:
         """Run the training; returns a TrainResult (also after Ctrl-C, with interrupted=True)."""
         self.setup()
-        cfg = self.cfg
-        os.makedirs(cfg.output, exist_ok=True)
-        with open(os.path.join(cfg.output, FINAL_STATE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2, default=str)
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(cfg.output)
+        cfg, par = self.cfg, self.parallel
+        if par.is_main:
+            os.makedirs(cfg.output, exist_ok=True)
+            with open(os.path.join(cfg.output, FINAL_STATE_FILE), "w", encoding="utf-8") as fh:
+                json.dump(cfg.to_dict(), fh, indent=2, default=str)
+            if hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(cfg.output)
 
         state = LoopState(total_steps=self.total_steps, batches_per_epoch=self.batches_per_epoch)
-        resume_dir = self._resume_dir()
+        resume_dir = self._resume_dir()  # every process checks the option; the main one's choice is taken
+        resume_dir = par.broadcast_object(resume_dir)
         if resume_dir is not None:
-            saved = ckpt.load_checkpoint(resume_dir, self.model, self.optimizer, self.scheduler)
+            saved = self._load(resume_dir)
+            if int(saved.get("world_size", 1)) != par.world_size:
+                self.log(f"resume: the checkpoint was written by {saved.get('world_size', 1)} process(es), this run "
+                         f"has {par.world_size}; the data position is kept, the random state is not")
+            if int(saved.get("global_batch_size", self.global_batch_size)) != self.global_batch_size:
+                self.log(f"resume: the checkpoint's global micro-batch was {saved['global_batch_size']} pairs, this "
+                         f"run's is {self.global_batch_size}; the run continues at micro-batch {saved['micro']} of "
+                         f"the new order, which is not where the checkpoint stopped")
             state.step, state.micro = int(saved["step"]), int(saved["micro"])
             if int(saved.get("total_steps", self.total_steps)) != self.total_steps:
                 self.log(f"resume: the checkpoint planned {saved.get('total_steps')} steps, this run plans "
@@ -235,12 +338,13 @@ class DPOFastTrainer:
             self.log(f"resumed from {resume_dir} at step {state.step}")
         result = TrainResult(output_dir=cfg.output, steps=state.step, interrupted=False,
                              ref_cache_hits=self.ref_cache_hits)
-        logger = MetricsLogger(cfg.output, tensorboard=cfg.tensorboard,
-                               resume_step=state.step if resume_dir is not None else None)
+        resume_step = state.step if resume_dir is not None else None
+        logger = (MetricsLogger(cfg.output, tensorboard=cfg.tensorboard, resume_step=resume_step) if par.is_main
+                  else _RecordOnly())
         if resume_dir is None and self.eval_examples:
             result.initial_eval_metrics = self.evaluate()
             logger.log(0, result.initial_eval_metrics)
-        bar = ProgressBar(self.total_steps, initial=state.step, enabled=cfg.progress, desc=cfg.stage)
+        bar = ProgressBar(self.total_steps, initial=state.step, enabled=cfg.progress and par.is_main, desc=cfg.stage)
 
         def on_step(st: LoopState, record: Dict[str, float]) -> None:
             bar.update(record)
@@ -252,11 +356,12 @@ class DPOFastTrainer:
                 self.save(st)
 
         try:
-            with StopFlag() as stop:
-                run_loop(self.model, self.optimizer, self.scheduler, examples=self.train_examples,
+            with StopFlag(escalate=not par.enabled) as stop:
+                run_loop(self.net, self.optimizer, self.scheduler, examples=self.train_examples,
                          collate=self.collate, order_fn=self.order_fn, loss_fn=self.loss_fn, state=state,
                          grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, device=self.device,
-                         precision=cfg.precision, on_step=on_step, stop=stop)
+                         precision=cfg.precision, on_step=on_step, stop=stop, parallel=par,
+                         loss_weight=self.loss_weight if cfg.stage == "sft" else None)
         except KeyboardInterrupt:
             state.interrupted = True
         finally:
@@ -274,12 +379,30 @@ class DPOFastTrainer:
             logger.log(state.step, result.eval_metrics)
         logger.close()
         result.metrics_path = logger.path
-        if cfg.plot:
+        if cfg.plot and par.is_main:
             result.plot_path = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output, PLOT_FILE),
-                                            title=f"dpo_fast {cfg.stage}")
+                                            title=run_title(cfg.stage, cfg.loss_type, cfg.beta))
         if cfg.merge and not state.interrupted:
-            result.merged_dir = ckpt.save_merged(self.model, os.path.join(cfg.output, "merged"), self.tokenizer)
+            if par.is_main:
+                result.merged_dir = ckpt.save_merged(self.model, os.path.join(cfg.output, "merged"), self.tokenizer)
+            par.barrier()
         return result
+
+
+def _silent(text: str) -> None:
+    """The log function of the processes other than the main one."""
+
+
+class _RecordOnly:
+    """MetricsLogger's interface for the processes other than the main one: records, no files."""
+
+    path: Optional[str] = None
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        return {"step": int(step), **{key: _to_float(value) for key, value in metrics.items()}}
+
+    def close(self) -> None:
+        pass
 
 
 def train(config: TrainConfig, **kwargs: Any) -> TrainResult:

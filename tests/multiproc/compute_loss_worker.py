@@ -1,10 +1,12 @@
-"""Worker for tests/test_distributed.py, launched by torchrun on the CPU (gloo): one compute_dpo_loss step.
+"""Worker for tests/test_distributed.py, launched by torchrun on the CPU (gloo): one compute_dpo_loss step per mode.
 
-    torchrun --standalone --nproc_per_node 2 compute_loss_worker.py MODE OUT_DIR
+    torchrun --standalone --nproc_per_node 2 compute_loss_worker.py MODES OUT_DIR
 
-MODE: ddp (DistributedDataParallel), fsdp2 (fully_shard), inner (a DDP model's .module: unsynchronised).
-Every rank builds the same tiny LoRA Llama (same seed), patches it, wraps it, takes its half of one
-preference batch, runs compute_dpo_loss and backward, and saves its loss and full LoRA gradients.
+MODES: comma-separated, run in order in the same processes: ddp (DistributedDataParallel), fsdp2
+(fully_shard), inner (a DDP model's .module: unsynchronised; last, since its warning is given once).
+For each mode every rank builds the same tiny LoRA Llama (same seed), patches it, wraps it, takes its half
+of one preference batch, runs compute_dpo_loss and backward, and saves its loss and full LoRA gradients
+to OUT_DIR/MODE_rank<r>.pt.
 """
 import os
 import sys
@@ -19,8 +21,7 @@ from multiproc.common import PAIRS, make_batch, make_model  # noqa: E402
 import dpo_fast  # noqa: E402
 
 
-def main(mode: str, out_dir: str) -> None:
-    dist.init_process_group("gloo")
+def run(mode: str, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model()
     dpo_fast.patch(model)
@@ -50,8 +51,14 @@ def main(mode: str, out_dir: str) -> None:
             grads[name.replace("_fsdp_wrapped_module.", "").replace("module.", "", 1 if mode == "ddp" else 0)] = (
                 g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
     torch.save({"loss": loss.detach(), "grads": grads, "warnings": [str(w.message) for w in caught]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+               os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
     dist.barrier()
+
+
+def main(modes: str, out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    for mode in modes.split(","):
+        run(mode, out_dir)
     dist.destroy_process_group()
 
 
