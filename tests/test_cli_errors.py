@@ -172,10 +172,10 @@ def test_device_cuda_without_cuda(files, tmp_path, capsys, monkeypatch, no_model
 @pytest.mark.parametrize("no_patch", [[], ["--no-patch"]])
 def test_unsupported_model_names_architecture_and_supported_ones_first(files, tmp_path, capsys, no_model_load,
                                                                         no_patch):
-    from dpo_fast.patching.support import FAMILIES
+    from dpo_fast.families import FAMILIES
 
     code, err = run_cli(base_args(files, tmp_path, **{"--model": files["gpt2"]}) + no_patch, capsys)
-    needles = ["GPT2LMHeadModel", "'gpt2'", "--no-patch too"] + [f"{p}ForCausalLM" for p in FAMILIES.values()]
+    needles = ["GPT2LMHeadModel", "'gpt2'", "--no-patch too"] + [f.causal_lm for f in FAMILIES]
     assert_one_line_error(code, err, needles)
     assert "target_modules" not in err
 

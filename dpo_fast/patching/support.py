@@ -1,11 +1,12 @@
 """What `dpo_fast.patch` supports, and one place that says so when a model falls outside it.
 
-Supported: transformers causal LMs of the Llama family that share LlamaForCausalLM's modules
-(Llama, Mistral, Qwen2, Qwen3 dense), bare or wrapped by a peft `PeftModel` with LoRA adapters,
-in fp32/bf16/fp16, with base weights unquantized or quantized by bitsandbytes (4-bit nf4/fp4, with or
-without double quantization, or 8-bit). The LM head itself must be a plain (unquantized, LoRA-free)
-linear layer with no logit scaling or soft-capping, which is what transformers and peft produce by
-default for these models.
+Supported: the transformers causal LMs of `dpo_fast.families` (Llama, Mistral, Qwen2, Qwen3 dense,
+Gemma, Gemma 2, Gemma 3 text, Phi-3 / Phi-4), tied or untied embeddings, bare or wrapped by a peft
+`PeftModel` with LoRA adapters, in fp32/bf16/fp16, with base weights unquantized or quantized by
+bitsandbytes (4-bit nf4/fp4, with or without double quantization, or 8-bit). The LM head itself must
+be a plain (unquantized, LoRA-free) linear layer, which is what transformers and peft produce by
+default for these models, and the logits must be what the fused head computes: no logit scaling, and
+final-logit softcapping only where the model's own forward applies it (Gemma 2 and 3).
 """
 from __future__ import annotations
 
@@ -16,14 +17,11 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 
 from ..errors import UserError
+from ..families import FAMILIES, family_of, text_config
 from ..state import unwrap_parallel
 
-#: The model families dpo_fast handles: config.model_type -> the transformers class-name prefix
-#: (LlamaForCausalLM, LlamaDecoderLayer, LlamaRMSNorm, ...). Every other list of what is supported,
-#: here and in the body patch, is derived from this table.
-FAMILIES: Dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(FAMILIES)
-SUPPORTED_CLASSES: Tuple[str, ...] = tuple(f"{prefix}ForCausalLM" for prefix in FAMILIES.values())
+SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(f.model_type for f in FAMILIES)
+SUPPORTED_CLASSES: Tuple[str, ...] = tuple(f.causal_lm for f in FAMILIES)
 SUPPORTED_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_QUANTIZATION = "none, bitsandbytes 4-bit (nf4/fp4, optional double quant), bitsandbytes 8-bit"
 SUPPORTED_PEFT = "none, or a peft PeftModel with LoRA adapters"
@@ -32,10 +30,11 @@ SUPPORTED_SUMMARY = (
     f"dpo_fast supports causal LMs {', '.join(SUPPORTED_CLASSES)} (config.model_type in "
     f"{list(SUPPORTED_MODEL_TYPES)}), bare or wrapped by peft ({SUPPORTED_PEFT}); dtypes fp32/bf16/fp16; "
     f"base-weight quantization: {SUPPORTED_QUANTIZATION}; with gradient checkpointing on or off; "
-    "with an unquantized, LoRA-free lm_head and no logit scaling or soft-capping."
+    "with an unquantized, LoRA-free lm_head and no logit scaling (final-logit softcapping on Gemma 2 / 3 only)."
 )
 
-# Config attributes that change the logits in ways the fused head does not reproduce.
+# Config attributes that change the logits in ways the fused head does not reproduce (softcapping is
+# reproduced for the families whose forward applies it: `dpo_fast.families.final_logit_softcap`).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
@@ -122,13 +121,18 @@ def check_supported(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
     config = getattr(causal_lm, "config", None)
     model_type = getattr(config, "model_type", None)
     cls = type(causal_lm).__name__
-    problem = architecture_problem(model_type, cls)
-    if problem:
-        raise _unsupported(problem)
+    family = family_of(causal_lm)
+    if family is None:
+        raise _unsupported(f"unsupported architecture {cls} (model_type={model_type!r})")
+    text = text_config(config)
     for attr in _LOGIT_TRANSFORMS:
-        value = getattr(config, attr, None)
+        value = getattr(text, attr, None)
+        if attr == "final_logit_softcapping" and family.final_logit_softcap:
+            continue  # the fused head caps the logits as the model's forward does
         if value not in (None, 1, 1.0):
             raise _unsupported(f"config.{attr}={value!r} changes the logits")
+    if getattr(text, "use_bidirectional_attention", False):
+        raise _unsupported("config.use_bidirectional_attention=True: the model is not a causal LM")
     if peft_model is not None:
         _check_peft(peft_model)
     _check_quantization(causal_lm)

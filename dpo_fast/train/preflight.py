@@ -18,7 +18,7 @@ import torch
 
 from dpo_fast.errors import UserError
 from dpo_fast.loss_types import unread_options
-from dpo_fast.patching.support import FAMILIES, SUPPORTED_CLASSES, architecture_problem
+from dpo_fast.patching.support import SUPPORTED_CLASSES, SUPPORTED_MODEL_TYPES, architecture_problem
 
 from .checkpoint import STATE_FILE
 from .config import TrainConfig
@@ -111,8 +111,8 @@ def check_model_path(path: str, tokenizer: Any) -> None:
     problem = architecture_problem(config.get("model_type"), architectures[0] if architectures else None)
     if problem:
         raise UserError(f"--model {path}: {problem}; dpo_fast trains {', '.join(SUPPORTED_CLASSES)} (model_type "
-                        f"{', '.join(FAMILIES)}) only: its loss runs the fused LM head on every model, with "
-                        "--no-patch too, so use a checkpoint of one of these architectures")
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}) only: its loss runs the fused LM head on every model, "
+                        "with --no-patch too, so use a checkpoint of one of these architectures")
 
 
 def check_adapter(path: str) -> None:
