@@ -60,14 +60,15 @@ def test_non_finite_loss_names_the_step_and_nothing_is_saved(tok, tmp_path):
     calls = {"n": 0}
     real = trainer.loss_fn
 
-    def loss_fn(model, batch):  # the 6th micro-batch (step 3's second) gives NaN
+    def loss_fn(model, batch):  # the 5th micro-batch (step 3's first) gives NaN
         calls["n"] += 1
         loss, metrics = real(model, batch)
-        return (loss * float("nan") if calls["n"] == 6 else loss), metrics
+        return (loss * float("nan") if calls["n"] == 5 else loss), metrics
 
     trainer.loss_fn = loss_fn
     with pytest.raises(NonFiniteError, match=r"^loss is not finite \(nan\) at step 3: .*below 0.5.*no checkpoint"):
         trainer.train()
+    assert calls["n"] == 5  # stopped at that micro-batch: no backward of NaN, no further forwards
     assert not [n for n in os.listdir(cfg.output) if n.startswith("checkpoint-")]
     assert not os.path.exists(os.path.join(cfg.output, "adapter_model.safetensors"))
     assert logged_steps(cfg.output) == [1, 2]
