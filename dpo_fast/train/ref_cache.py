@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 import os
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -27,19 +28,31 @@ RefFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor,
 
 
 def examples_fingerprint(examples: Sequence[Dict[str, Any]]) -> str:
-    """sha256 over every example's token fields (ref log-prob fields excluded), in order."""
+    """sha256 over every field of every example (prompt, chosen and rejected ids ...; the ref log-prob fields
+    excluded), in order."""
     h = hashlib.sha256()
     h.update(str(len(examples)).encode())
     for ex in examples:
         for key in sorted(ex):
             if key in REF_KEYS:
                 continue
-            value = ex[key]
-            if isinstance(value, torch.Tensor):
-                value = value.tolist()
             h.update(key.encode())
-            h.update(json.dumps(value, default=str, separators=(",", ":")).encode())
+            h.update(_field_bytes(ex[key]))
     return h.hexdigest()
+
+
+def _field_bytes(value: Any) -> bytes:
+    """An example field as bytes: a list of ints packed (fast for token ids), anything else as JSON."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, list):
+        try:
+            packed = array("q", value).tobytes()
+            return b"i%d:" % len(value) + packed
+        except (TypeError, OverflowError):
+            pass
+    text = json.dumps(value, default=str, separators=(",", ":")).encode()
+    return b"j%d:" % len(text) + text
 
 
 def cache_key(*, model_id: str, reference: str, examples: Sequence[Dict[str, Any]],

@@ -361,7 +361,9 @@ class DPOFastTrainer:
 
     def _check_finite_weights(self, step: int) -> None:
         """NonFiniteError when a trainable weight holds NaN / Inf: nothing non-finite is ever saved."""
-        bad = any(not bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters() if p.requires_grad)
+        local = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in local]  # a sharded weight: this shard
+        bad = any(not bool(torch.isfinite(t).all()) for t in local)
         if self.parallel.any(bad) if self.parallel.enabled else bad:
             raise NonFiniteError(f"weights are not finite after step {step}: the training diverged; "
                                  f"{self._nonfinite_hint()}", step=step, what="weights")
