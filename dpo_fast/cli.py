@@ -20,7 +20,7 @@ from dpo_fast import __version__
 from dpo_fast.errors import UserError
 from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
 from dpo_fast.loss_types import F_DIVERGENCE_TYPES, as_loss_types
-from dpo_fast.train.config import DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+from dpo_fast.train.config import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
 
 
 def _csv_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -123,6 +123,9 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d.on_nonfinite,
+                   help="a step whose loss or gradient norm is NaN/Inf (a diverged run): stop with an error, "
+                        "saving nothing non-finite (default), or skip its update")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--epochs", type=float, default=d.epochs)
@@ -135,7 +138,11 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--eval-steps", type=int, default=None)
     g.add_argument("--save-steps", type=int, default=None)
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="resume from the latest checkpoint in OUTPUT (or the given checkpoint dir)")
+                   help="resume from the latest checkpoint in OUTPUT (or the given checkpoint dir); only a "
+                        "checkpoint of the same run (data, model, seed, loss and optimizer settings) is continued")
+    g.add_argument("--overwrite", action="store_true",
+                   help="OUTPUT holds an earlier run's outputs: delete them (checkpoints, metrics, adapter; "
+                        "not ref_cache/) and start a new run; without it such a folder is refused")
     g.add_argument("--merge", action="store_true", help="also write merged weights to OUTPUT/merged")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-plot", action="store_true")
@@ -158,6 +165,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         group_by_length=not args.no_group_by_length, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+        on_nonfinite=args.on_nonfinite, overwrite=args.overwrite,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
         seed=args.seed, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
         resume=args.resume, merge=args.merge, progress=not args.no_progress, plot=not args.no_plot,

@@ -36,6 +36,8 @@ class LoadedModel:
     model_id: str  # stable identity for the reference-log-prob cache key
     quantized: bool
     has_ref_adapter: bool
+    # the starting weights' identity independent of where they lie (a run's identity; "" -> model_id)
+    fingerprint: str = ""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -82,6 +84,21 @@ def model_identity(spec: Any, adapter: Optional[str], seed: int) -> str:
             cfg.pop(volatile, None)
         parts.append("random-init:" + json.dumps(cfg, sort_keys=True, default=str))
         parts.append(f"seed:{seed}")
+    if adapter:
+        for path in sorted(glob.glob(os.path.join(adapter, "adapter_*"))):
+            with open(path, "rb") as fh:
+                parts.append(hashlib.sha256(fh.read()).hexdigest())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def model_fingerprint(spec: Any, adapter: Optional[str], seed: int) -> str:
+    """Like `model_identity`, but from the weight files' contents (sampled), not their path or times."""
+    from .run_identity import weights_fingerprint
+
+    if isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
+        parts = ["weights:" + weights_fingerprint(spec, _WEIGHT_PATTERNS)]
+    else:
+        return model_identity(spec, adapter, seed)  # a random init: its config and seed, no files
     if adapter:
         for path in sorted(glob.glob(os.path.join(adapter, "adapter_*"))):
             with open(path, "rb") as fh:
@@ -248,9 +265,11 @@ def load_model(cfg: TrainConfig, *, model: Optional[torch.nn.Module] = None, tok
             model_id += ":" + model_identity(base.config, cfg.adapter, cfg.seed)
     else:
         model_id = model_identity(cfg.model, cfg.adapter, cfg.seed)
+    fingerprint = model_id if given else model_fingerprint(cfg.model, cfg.adapter, cfg.seed)
     model_obj = prepare_model(base, cfg, quantized=quantized)
     has_ref = "ref" in getattr(model_obj, "peft_config", {})
-    return LoadedModel(model=model_obj, tokenizer=tok, model_id=model_id, quantized=quantized, has_ref_adapter=has_ref)
+    return LoadedModel(model=model_obj, tokenizer=tok, model_id=model_id, quantized=quantized, has_ref_adapter=has_ref,
+                       fingerprint=fingerprint)
 
 
 def _weights_fingerprint(model: torch.nn.Module, max_tensors: int = 64) -> bytes:
