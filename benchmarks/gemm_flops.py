@@ -64,8 +64,8 @@ def scaled(shape: ModelShape, divisor: int, layers: int) -> ModelShape:
     """`shape` at 1/divisor of its width, MLP and vocabulary (same head_dim and GQA ratio), `layers` deep."""
     heads = max(1, shape.num_attention_heads // divisor)
     kv = max(1, shape.num_key_value_heads * heads // shape.num_attention_heads)
-    head_dim = shape.hidden_size // shape.num_attention_heads
-    return dataclasses.replace(shape, name=f"{shape.name}/{divisor}x{layers}L", hidden_size=heads * head_dim,
+    width = heads * shape.head_size if shape.head_dim is None else shape.hidden_size // divisor  # Gemma: head_dim set
+    return dataclasses.replace(shape, name=f"{shape.name}/{divisor}x{layers}L", hidden_size=width,
                                intermediate_size=shape.intermediate_size // divisor, num_hidden_layers=layers,
                                num_attention_heads=heads, num_key_value_heads=kv,
                                vocab_size=shape.vocab_size // divisor)

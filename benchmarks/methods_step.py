@@ -41,7 +41,6 @@ from dpo_fast.patching import BodyOptions, patch, patch_report, unpatch
 
 BETA = 0.1
 IGNORE = -100
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def bnb_has_cuda() -> bool:
@@ -106,7 +105,7 @@ def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, *, 
 
     quantize = bnb_has_cuda() if quantize is None else quantize
     config = shape.config()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = shape.attention
     n_layers = config.num_hidden_layers
     config.num_hidden_layers = 0
     with torch.device(device):
@@ -132,7 +131,7 @@ def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, *, 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=shape.lora_targets,
                       task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,7 +22,7 @@ from dpo_fast import __version__, config_file
 from dpo_fast.errors import UserError
 from dpo_fast.data import ON_BAD_ROW, TRUNCATION_MODES
 from dpo_fast.loss_types import F_DIVERGENCE_TYPES, as_loss_types
-from dpo_fast.train.config import DEFAULT_LR, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+from dpo_fast.train.config import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
 
 
 def _csv_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -148,6 +148,9 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d.on_nonfinite,
+                   help="a step whose loss or gradient norm is NaN/Inf (a diverged run): stop with an error, "
+                        "saving nothing non-finite (default), or skip its update")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--epochs", type=float, default=d.epochs)
@@ -160,7 +163,11 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--eval-steps", type=int, default=None)
     g.add_argument("--save-steps", type=int, default=None)
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="resume from the latest checkpoint in OUTPUT (or the given checkpoint dir)")
+                   help="resume from the latest checkpoint in OUTPUT (or the given checkpoint dir); only a "
+                        "checkpoint of the same run (data, model, seed, loss and optimizer settings) is continued")
+    g.add_argument("--overwrite", action="store_true",
+                   help="OUTPUT holds an earlier run's outputs: delete them (checkpoints, metrics, adapter; "
+                        "not ref_cache/) and start a new run; without it such a folder is refused")
     g.add_argument("--merge", action="store_true", help="also write merged weights to OUTPUT/merged")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-plot", action="store_true")
@@ -189,6 +196,7 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         group_by_length=not args.no_group_by_length, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, scheduler=args.scheduler,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+        on_nonfinite=args.on_nonfinite, overwrite=args.overwrite,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
         seed=args.seed, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
         resume=args.resume, merge=args.merge, progress=not args.no_progress, plot=not args.no_plot,
@@ -210,20 +218,28 @@ def config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
     return TrainConfig(**fields)
 
 
+DEBUG_HELP = "show the Python traceback of an error (a user mistake prints one line without it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-fast", description="Fast, memory-lean DPO for (Q)LoRA Llama models.")
     parser.add_argument("--version", action="version", version=f"dpo_fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{train,sft,demo,bench}")
     sub.required = True
+    # --debug after the command too; SUPPRESS keeps a subcommand's default from hiding `dpo-fast --debug train`
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     parser.command_parsers = {
-        "train": sub.add_parser("train", help="DPO training of a Hub model or local checkpoint"),
-        "sft": sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)"),
+        "train": sub.add_parser("train", help="DPO training of a Hub model or local checkpoint", parents=[debug]),
+        "sft": sub.add_parser("sft", help="SFT on the chosen completions (the stage DPO assumes)", parents=[debug]),
     }
     add_train_arguments(parser.command_parsers["train"], "dpo")
     add_train_arguments(parser.command_parsers["sft"], "sft")
     from dpo_fast.demo import add_arguments as add_demo_arguments
 
-    add_demo_arguments(sub.add_parser("demo", help="built-in demo: SFT then DPO of a tiny Llama on the CPU"))
+    add_demo_arguments(sub.add_parser("demo", help="built-in demo: SFT then DPO of a tiny Llama on the CPU",
+                                      parents=[debug]))
     bench = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks ...)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
@@ -253,7 +269,12 @@ def run_bench(bench_args: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the `dpo-fast` console script; returns the exit status."""
+    """Entry point of the `dpo-fast` console script; returns the exit status.
+
+    A user mistake (`dpo_fast.errors.UserError`) prints one line, ``dpo-fast: error: ...``, and returns 2
+    (argparse's status for a bad command line); with --debug it raises, traceback and all. Any other
+    exception is an internal error and propagates.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # forward everything, including --help, to the suite
         return run_bench(argv[1:])
@@ -262,16 +283,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     file_lists: Dict[str, List[Any]] = {}
     yaml_path = config_file.config_path(argv) if command in ("train", "sft") else None
     if yaml_path is not None:  # the file's values become the flags' defaults: the command line overrides them
-        sub_parser = parser.command_parsers[command]
         try:
-            file_lists = config_file.apply_config(sub_parser, config_file.read_yaml(yaml_path), yaml_path)
-        except UserError as exc:  # one line, as for every user mistake
-            print(f"dpo-fast: error: {exc}", file=sys.stderr)
-            return 2
+            file_lists = config_file.apply_config(parser.command_parsers[command], config_file.read_yaml(yaml_path),
+                                                  yaml_path)
+        except UserError as exc:
+            if "--debug" in argv:
+                raise
+            return _user_error(parser, exc)
     args = parser.parse_args(argv)
+    try:
+        config_file.fill_lists(args, file_lists)
+        return _run(parser, args, argv)
+    except UserError as exc:
+        if getattr(args, "debug", False):
+            raise
+        return _user_error(parser, exc)
+
+
+def _user_error(parser: argparse.ArgumentParser, exc: UserError) -> int:
+    """Print a user mistake as one line, ``dpo-fast: error: ...``; argparse's status for a bad command line."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _explicit_loss_options(args: argparse.Namespace) -> List[str]:
+    """The loss options the command line set by name (each must be read by one of the loss types)."""
+    names = [key for key, _ in getattr(args, "loss_kwarg", [])]
+    if getattr(args, "simpo_gamma", None) is not None:
+        names.append("simpo_gamma")
+    return names
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the parsed command (main() turns a UserError into one line)."""
     if args.command in ("train", "sft"):
         stage = "dpo" if args.command == "train" else "sft"
-        config_file.fill_lists(args, file_lists)
         effective = config_file.effective_config(parser.command_parsers[args.command], args)
         import torch
 
@@ -284,8 +331,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(config_file.to_yaml(effective, args.command), end="")
                 return 0
             set_cpu_threads(config.device, args.threads)
+        except UserError:
+            raise
         except ValueError as exc:
             parser.error(str(exc))
+        from dpo_fast.train.preflight import check_before_loading
+
+        check_before_loading(config, explicit_loss_options=_explicit_loss_options(args))  # before any loading
         from dpo_fast.train import DPOFastTrainer
         from dpo_fast.train.distributed import shutdown
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from dpo_fast.errors import UserError
 from dpo_fast.schemas import Columns, RowSchemaError, to_preference_row
 
 ON_BAD_ROW = ("skip", "error")
@@ -40,8 +41,8 @@ _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class BadRowError(ValueError):
-    """A malformed row (raised when ``on_bad_row="error"``)."""
+class BadRowError(UserError):
+    """A malformed row (raised when ``on_bad_row="error"``); a ValueError, as every `UserError`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ def _open_source(source: Any, report: LoadReport) -> Iterator[_RawRow]:
 
             try:
                 ds = datasets.load_from_disk(str(path))
-            except FileNotFoundError as e:
-                raise ValueError(f"source: {path} is a directory but not one saved by datasets' save_to_disk") from e
+            except FileNotFoundError:
+                raise UserError(f"source: {path} is a folder but not a dataset saved by datasets' save_to_disk; "
+                                "give a .jsonl, .json or .parquet file, or a save_to_disk folder") from None
             if isinstance(ds, datasets.DatasetDict):
                 ds = _pick_split(ds, str(path))
             return _iter_values(ds)
@@ -280,7 +282,7 @@ def _open_source(source: Any, report: LoadReport) -> Iterator[_RawRow]:
             import pyarrow.parquet as pq
 
             return _iter_values(pq.read_table(str(path)).to_pylist())
-        raise ValueError(f"source: unsupported file type {suffix!r} ({path}); use .jsonl, .json, .parquet or a saved dataset dir")
+        raise UserError(f"source: unsupported file type {suffix!r} ({path}); use .jsonl, .json, .parquet or a saved dataset dir")
     try:
         import datasets
 
@@ -392,13 +394,16 @@ def _check_standard(row: dict) -> tuple[dict, str]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, fmt
 
 
-def _check_row(value: Any) -> tuple[dict, str]:
-    """Normalize one row to explicit prompt/chosen/rejected, or raise _Bad."""
+def _check_row(value: Any, source_row: Any = None) -> tuple[dict, str]:
+    """Normalize one row to explicit prompt/chosen/rejected, or raise _Bad.
+
+    `source_row`: the row as read, before a schema mapped it (a missing key names the columns it has)."""
     if not isinstance(value, dict):
         raise _Bad("not_an_object", f"row is a {type(value).__name__}, not an object")
+    shown = source_row if isinstance(source_row, dict) else value
     for key in ("chosen", "rejected"):
         if value.get(key) is None:
-            raise _Bad("missing_key", f"missing key '{key}'")
+            raise _Bad("missing_key", f"missing key '{key}' (the row has {sorted(map(str, shown))[:8]})")
     values = [value["chosen"], value["rejected"]] + ([value["prompt"]] if value.get("prompt") is not None else [])
     if any(_is_messages(v) for v in values):
         out, fmt = _check_conversational(value)
@@ -440,11 +445,12 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip", columns: Opti
                 value, schema = to_preference_row(raw.value, columns)
             except RowSchemaError as e:
                 raise _Bad(e.reason, e.message) from None
-            row, fmt = _check_row(value)
+            row, fmt = _check_row(value, raw.value)
             fmt = schema or fmt
         except _Bad as bad:
             if on_bad_row == "error":
-                raise BadRowError(f"{name}, {raw.location}: {bad.message} (on_bad_row='error')") from None
+                raise BadRowError(f"{name}, {raw.location}: {bad.message} (on_bad_row='error': fix or remove the row, "
+                                  "or skip bad rows with on_bad_row='skip', --on-bad-row skip)") from None
             report.bad_rows.append(BadRow(raw.index, raw.location, bad.reason, bad.message))
             continue
         row["row"] = raw.index
@@ -453,6 +459,22 @@ def load_preference_rows(source: Any, *, on_bad_row: str = "skip", columns: Opti
         report.formats[fmt] += 1
     report.n_kept = len(rows)
     return rows, report
+
+
+def require_rows(report: LoadReport, *, what: str = "data") -> None:
+    """Raise `UserError` when `load_preference_rows` kept no row: the source is empty, or every row is bad
+    (one line: how many, why, the first bad row, and the columns a row needs). `what` names the option that
+    gave the source (``data``, ``eval_data``)."""
+    if report.n_kept:
+        return
+    if report.n_read == 0:
+        raise UserError(f"{what}: {report.source} holds no rows; give a file with one preference pair "
+                        "(prompt, chosen, rejected) per row")
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.reasons.items()))
+    raise UserError(f"{what}: none of the {report.n_read} rows of {report.source} is usable ({reasons}; first: "
+                    f"{report.bad_rows[0]}); each row needs 'prompt', 'chosen' and 'rejected' (strings or message "
+                    "lists), or 'chosen' and 'rejected' conversations sharing their first messages; name other "
+                    "columns with --prompt-column / --chosen-column / --rejected-column")
 
 
 # --------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def run_demo(settings: Optional[DemoSettings] = None, *, log=print, command: Opt
         sft_cfg = TrainConfig(model=config, data=sft_rows, output=os.path.join(s.output, "sft"), stage="sft",
                               use_lora=False, lr=s.sft_lr, batch_size=s.sft_batch, max_steps=s.sft_steps,
                               warmup_ratio=0.05, seed=s.seed, max_length=64, progress=s.progress,
-                              tensorboard=False, device="cpu")
+                              tensorboard=False, device="cpu", overwrite=True)  # the demo's own folder
         sft = DPOFastTrainer(sft_cfg, tokenizer=tokenizer, log=log)
         sft_result = sft.train()
         sft_model = sft.model
@@ -270,7 +270,7 @@ def _dpo_run(s: DemoSettings, loss_type: List[str], model: torch.nn.Module, toke
                       max_steps=s.dpo_steps, beta=s.beta, loss_type=list(loss_type),
                       eval_fraction=s.eval_fraction, warmup_ratio=0.1, seed=s.seed, max_length=64,
                       eval_steps=-(-s.dpo_steps // (s.dpo_evals + 1)) if s.dpo_evals > 0 else None,
-                      progress=s.progress, tensorboard=False, device="cpu")
+                      progress=s.progress, tensorboard=False, device="cpu", overwrite=True)  # the demo's own folder
     trainer = DPOFastTrainer(cfg, model=model, tokenizer=tokenizer, log=log)
     trainer.setup()
     held_out = trainer.eval_examples

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from . import state
+from .families import final_logit_softcap
 from .losses import reduce_sequence_logps
 from .ops.linear_log_probs import linear_log_probs_with_stats
 from .ops.prefix_attention import PREFIX_KWARG
-from .prefix_sharing import PackedPairs, pack_pairs, window_problem
+from .prefix_sharing import PackedPairs, attention_problem, pack_pairs, rope_problem, window_problem
 
 #: label value of positions that are not scored (prompt, padding), as in transformers and TRL
 IGNORE_INDEX = -100
@@ -70,19 +71,21 @@ def validate_outputs(outputs: Sequence[str]) -> Tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------ the head
 def head_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 labels: torch.Tensor, outputs: Sequence[str] = ("log_probs",)) -> Dict[str, torch.Tensor]:
+                 labels: torch.Tensor, outputs: Sequence[str] = ("log_probs",), *,
+                 softcap: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """Per-token outputs for aligned hidden [B, S, d] and labels [B, S] (labels[i] predicted from hidden[i]).
 
     `log_probs` is differentiable (fp32); the statistics other outputs need (`entropy`, `mean_logits`,
     `log_sum_sq_probs`, `is_top1`) come from the same vocabulary sweep, without gradient. Only positions
     whose label is not -100 are projected; every returned tensor has labels' shape and is 0 elsewhere.
-    `label_mask` (bool) marks the scored positions.
+    `label_mask` (bool) marks the scored positions. `softcap` (c, or None): every output is over the
+    capped logits ``c * tanh(z / c)`` (Gemma 2's final_logit_softcapping).
     """
     labels = labels.to(hidden.device)
     mask = labels != IGNORE_INDEX
     extras = [o for o in outputs if o != "log_probs"]
     log_probs, stats = linear_log_probs_with_stats(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
-                                                   stats=bool(extras))
+                                                   stats=bool(extras), softcap=softcap)
     result = {"log_probs": log_probs}
     for key in extras:
         if key == "is_top1":
@@ -124,15 +127,16 @@ def plan_packing(causal_lm: nn.Module, model_kwargs: Mapping[str, Any], labels: 
     request: None follows the model's patch (``patch(model, prefix_sharing=True)``), False never packs,
     True packs and requires that patch (ValueError otherwise). When sharing is on, rows i and B + i are
     packed as one row; a call packing cannot reproduce exactly (left padding, odd rows, position ids,
-    pre-shifted labels, rows longer than a sliding window, ...) runs unshared with a warning: its results
-    are the same, only the saving is lost.
+    pre-shifted labels, rows longer than a sliding window, a length-dependent rotary scaling that the
+    packed length would switch, or a model whose attention caps its scores: Gemma 2) runs unshared with
+    a warning: its results are the same, only the saving is lost.
     """
     enabled = state.prefix_sharing_enabled(causal_lm)
     if request and not enabled:
         raise ValueError("prefix_sharing=True needs a model patched with dpo_fast.patch(model, prefix_sharing=True)")
     if not (enabled if request is None else request):
         return None
-    reason = _unpackable(model_kwargs, args, labels, shift_labels)
+    reason = attention_problem(causal_lm) or _unpackable(model_kwargs, args, labels, shift_labels)
     packed = None
     if reason is None:
         ids = model_kwargs["input_ids"]
@@ -143,7 +147,7 @@ def plan_packing(causal_lm: nn.Module, model_kwargs: Mapping[str, Any], labels: 
         except ValueError as exc:
             reason = str(exc)
         else:
-            reason = window_problem(causal_lm, packed)
+            reason = window_problem(causal_lm, packed) or rope_problem(causal_lm, packed)
     if reason is not None:
         warnings.warn(f"prefix sharing: this call runs unshared (same results, the prompt is computed twice): {reason}",
                       stacklevel=3)
@@ -183,7 +187,9 @@ def run_fused_head(causal_lm: nn.Module, *args: Any, labels: Optional[torch.Tens
     """Run the backbone of `causal_lm` (packed when `plan_packing` says so) and score its labels.
 
     `labels` are unshifted (as for ``model(..., labels=...)``): the outputs have shape [B, T-1]. With
-    `shift_labels` (already aligned with the positions) they have shape [B, T].
+    `shift_labels` (already aligned with the positions) they have shape [B, T]. The head is the model's
+    output embedding (the input embedding itself when they are tied), and its logits are capped as the
+    model's own forward caps them (`dpo_fast.families.final_logit_softcap`).
     """
     if shift_labels is None and labels is None:
         raise ValueError("labels: fused_lm_head=True needs labels (or shift_labels)")
@@ -200,7 +206,7 @@ def run_fused_head(causal_lm: nn.Module, *args: Any, labels: Optional[torch.Tens
                 f"shift_labels: shape {tuple(shift_labels.shape)} does not match the input's {tuple(hidden.shape[:2])}")
         aligned = shift_labels
     head = causal_lm.get_output_embeddings()
-    return head_outputs(hidden, head.weight, head.bias, aligned, outputs)
+    return head_outputs(hidden, head.weight, head.bias, aligned, outputs, softcap=final_logit_softcap(causal_lm))
 
 
 # ------------------------------------------------------------------------------------------ any model

@@ -103,6 +103,7 @@ def fused_linear_dpo_loss(
     ld_alpha: Optional[float] = None,
     use_weighting: bool = False,
     compute_metrics: bool = True,
+    softcap: Optional[float] = None,
     **loss_kwargs,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """DPO loss straight from hidden states: returns (loss, metrics with TRL's names).
@@ -113,7 +114,10 @@ def fused_linear_dpo_loss(
     (with ``ref_weight``/``ref_bias``, default the policy's) in a forward-only sweep under no_grad; they
     are not needed for reference-free losses. ``compute_metrics`` adds logits/chosen, logits/rejected,
     entropy and mean_token_accuracy, computed in the same vocabulary sweep; ``use_weighting`` applies WPO
-    pair weights. Extra keyword arguments go to `dpo_fast.losses.dpo_loss` (label_smoothing, ...).
+    pair weights. ``softcap`` (c, or None) caps the policy's and the reference's logits to
+    ``c * tanh(z / c)`` before the softmax, as Gemma 2's ``final_logit_softcapping`` (pass the model's
+    value: `dpo_fast.families.final_logit_softcap(model)`). Extra keyword arguments go to
+    `dpo_fast.losses.dpo_loss` (label_smoothing, ...).
     """
     if labels.dim() != 2 or labels.shape[0] == 0 or labels.shape[0] % 2:
         raise ValueError(
@@ -125,7 +129,8 @@ def fused_linear_dpo_loss(
         if bool((labels == IGNORE_INDEX).any()):
             raise ValueError(f"labels hold {IGNORE_INDEX}, which is neither a token id nor ignore_index={ignore_index}")
         labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
-    token = head_outputs(hidden, weight, bias, labels, head_outputs_needed(compute_metrics, use_weighting))
+    token = head_outputs(hidden, weight, bias, labels, head_outputs_needed(compute_metrics, use_weighting),
+                         softcap=softcap)
     need_ref = needs_reference(as_loss_types(loss_type), bool(loss_kwargs.get("reference_free", False)))
     if ref_chosen_logps is None and ref_rejected_logps is None and ref_hidden is not None and need_ref:
         if ref_hidden.shape[:2] != labels.shape:
@@ -133,7 +138,7 @@ def fused_linear_dpo_loss(
         with torch.no_grad():
             head_weight = weight if ref_weight is None else ref_weight
             head_bias = ref_bias if ref_bias is not None else (bias if ref_weight is None else None)
-            ref_logp = head_outputs(ref_hidden, head_weight, head_bias, labels)["log_probs"]
+            ref_logp = head_outputs(ref_hidden, head_weight, head_bias, labels, softcap=softcap)["log_probs"]
             ref_chosen_logps, ref_rejected_logps, _, _ = reduce_sequence_logps(
                 ref_logp, token["label_mask"], average=average_log_prob, ld_alpha=ld_alpha)
     return preference_loss(token, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,

@@ -32,6 +32,7 @@ __all__ = [
     "f_divergence_scores",
     "needs_reference",
     "per_token",
+    "unread_options",
 ]
 
 F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -178,6 +179,7 @@ class LossSpec:
     needs_lengths: bool = False  # completion lengths (chosen_lengths / rejected_lengths)
     needs_reference: bool = True  # reference log-probs (unless reference_free)
     f_divergence: bool = False  # valid with f_divergence_type != "reverse_kl" (TRL's rule)
+    options: tuple[str, ...] = ()  # the options only some loss types read, that this one reads
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -193,10 +195,10 @@ LOSSES: dict[str, LossSpec] = {
     "aot_unpaired": LossSpec(_aot_unpaired),
     "apo_zero": LossSpec(_apo_zero),
     "apo_down": LossSpec(_apo_down),
-    "discopop": LossSpec(_discopop, f_divergence=True),
+    "discopop": LossSpec(_discopop, f_divergence=True, options=("discopop_tau",)),
     "sft": LossSpec(_sft, needs_lengths=True, needs_reference=False, f_divergence=True),
     "sigmoid_norm": LossSpec(_sigmoid_norm, needs_lengths=True, f_divergence=True),
-    "simpo": LossSpec(_simpo, needs_lengths=True, needs_reference=False),
+    "simpo": LossSpec(_simpo, needs_lengths=True, needs_reference=False, options=("simpo_gamma",)),
 }
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
@@ -245,3 +247,21 @@ def as_loss_types(loss_type: str | Sequence[str], *, name: str = "loss_type") ->
 def needs_reference(loss_type: str | Sequence[str], reference_free: bool = False) -> bool:
     """Whether these loss types need reference log-probs (so a reference pass must run)."""
     return not reference_free and any(LOSSES[t].needs_reference for t in as_loss_types(loss_type))
+
+
+def unread_options(loss_type: str | Sequence[str], names: Sequence[str], *,
+                   f_divergence_type: str = "reverse_kl") -> list[str]:
+    """Of the option `names` given explicitly, those no loss type of `loss_type` reads, each as one sentence
+    saying who reads it (an option that would be ignored is a mistake worth naming before a run starts)."""
+    types = as_loss_types(loss_type)
+    problems = []
+    for name in names:
+        if name == "f_alpha_divergence_coef":
+            if f_divergence_type != "alpha_divergence":
+                problems.append(f"{name} is only read with f_divergence_type='alpha_divergence' "
+                                f"(here {f_divergence_type!r})")
+            continue
+        readers = [t for t, spec in LOSSES.items() if name in spec.options]
+        if readers and not any(t in readers for t in types):
+            problems.append(f"{name} is only read by loss type(s) {readers}, not by {list(types)}")
+    return problems

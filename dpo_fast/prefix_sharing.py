@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .families import attention_softcap, rope_parameter_sets, text_config
 from .ops.prefix_attention import PrefixLayout
 
 
@@ -44,6 +45,7 @@ class PackedPairs:
     length: int
     shared_tokens: int
     attention: PrefixLayout
+    max_position: int = -1
 
     @property
     def packed_tokens(self) -> int:
@@ -78,10 +80,14 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
     n_c, n_r = n[:b], n[b:]
     c_len = n_c - shared                                     # chosen tokens after the prompt
     row_len = n_c + n_r - shared                             # packed row length
-    sizes = torch.stack([row_len.max(), n_c.max(), n_r.max(), shared.sum(), _first(not_right_padded),
-                         _first(scored_padding)]).tolist()   # one host sync for every size and check
+    # the largest packed position id: a row shorter than the longest has a padding column at L - 1 (position
+    # L - 1); a full row's positions end at max(n_c, n_r) - 1 (the rejected ones restart after the prompt)
+    longest = row_len.max()
+    max_position = torch.where(row_len == longest, torch.maximum(n_c, n_r) - 1, longest - 1).max()
+    sizes = torch.stack([longest, n_c.max(), n_r.max(), shared.sum(), _first(not_right_padded),
+                         _first(scored_padding), max_position]).tolist()   # one host sync for every size and check
     length, len_a, len_b = (max(int(v), 1) for v in sizes[:3])
-    n_shared, bad_pad, bad_scored = sizes[3:]
+    n_shared, bad_pad, bad_scored, max_position = sizes[3:]
     if bad_pad >= 0:
         raise ValueError(f"prefix sharing needs right-padded rows (attention_mask 1...1 0...0); row {bad_pad} is "
                          "not (left padding or holes): pad on the right, or turn prefix sharing off")
@@ -110,7 +116,8 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
     layout = PrefixLayout(length=length, len_a=len_a, len_b=len_b, gather_b=gather_b, is_rejected=is_rej,
                           combine_index=combine)
     return PackedPairs(input_ids=ids, position_ids=positions, attention_mask=packed_mask,
-                       unshared_index=unshared_index, rows=rows, length=t, shared_tokens=n_shared, attention=layout)
+                       unshared_index=unshared_index, rows=rows, length=t, shared_tokens=n_shared, attention=layout,
+                       max_position=max(int(max_position), 0))
 
 
 def window_problem(causal_lm: nn.Module, packed: PackedPairs) -> Optional[str]:
@@ -125,6 +132,44 @@ def window_problem(causal_lm: nn.Module, packed: PackedPairs) -> Optional[str]:
     if window and getattr(config, "use_sliding_window", True) and longest > window:
         return (f"prefix sharing: rows of {longest} tokens exceed the model's sliding window ({window}); turn "
                 "prefix sharing off for this model")
+    return None
+
+
+def rope_problem(causal_lm: nn.Module, packed: PackedPairs) -> Optional[str]:
+    """Why the packed rows would get other rotary angles than the unshared ones, or None.
+
+    Rotary scalings whose frequencies depend on the call's length (``max(position_ids) + 1``) see the
+    packed rows' length instead of the unshared T: LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) switches
+    to its long factors above ``original_max_position_embeddings``, dynamic NTK rescales above
+    ``max_position_embeddings``. Packing is exact when both lengths fall on the same side (LongRoPE), or
+    both below the threshold or equal (dynamic).
+    """
+    unshared, shared = packed.length, packed.max_position + 1
+    if unshared == shared:
+        return None
+    for params in rope_parameter_sets(causal_lm.config):
+        kind = str(params.get("rope_type", "default"))
+        if kind == "longrope":
+            limit = params.get("original_max_position_embeddings",
+                               getattr(text_config(causal_lm.config), "original_max_position_embeddings", None))
+            if limit is not None and (unshared > limit) != (shared > limit):
+                return (f"LongRoPE switches factors above {limit} tokens and the packed rows ({shared}) and the "
+                        f"unshared ones ({unshared}) fall on different sides")
+        elif "dynamic" in kind:
+            limit = getattr(text_config(causal_lm.config), "max_position_embeddings", None)
+            if limit is None or max(unshared, shared) >= limit:
+                return (f"dynamic rotary scaling depends on the call's length beyond {limit} tokens, and the packed "
+                        f"rows ({shared}) and the unshared ones ({unshared}) differ")
+    return None
+
+
+def attention_problem(causal_lm: nn.Module) -> Optional[str]:
+    """Why no call of this model can run packed, or None: its attention does what the packed attention's two
+    causal SDPA calls do not (Gemma 2's attention-score softcapping)."""
+    cap = attention_softcap(causal_lm.config)
+    if cap is not None:
+        return (f"the model caps its attention scores (config.attn_logit_softcapping={cap:g}), which the packed "
+                "attention does not")
     return None
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The single command a GPU-lent session runs on the device machine (see benchmarks/RESULTS.md, "GPU session").
 #
-#   bash scripts/gpu_session.sh [check] [tests] [step8b] [step8bcap] [step8bp50] [profile] [step1b] [bench]
+#   bash scripts/gpu_session.sh [check] [tests] [step8b] [step8bcap] [step8bp50] [profile] [step1b] [bench] [families]
 #                      (no argument: check step8b step8bcap step8bp50 profile tests step1b bench, in that order, inside
 #                       a 570 s budget; whatever does not fit is skipped and says so)
 #
@@ -13,6 +13,7 @@
 #           cap, and with prompts half of each row (what prefix sharing saves depends on the prompt share), and
 #           group by group at the 1B shape; each comes back as $OUT/<phase>.tgz (results.json + plots;
 #           step_8b.tgz and profile.tgz also hold gpu_clocks.csv: SM clock, power, throttle reasons)
+# families (only when named): the head and the step at the Gemma-2-9B, Gemma-3-12B and Phi-3-mini shapes
 # 3. bench: python3 -m benchmarks --quick, one level at a time (head, step, fit), each writing its own
 #           results.json, so a level cut off by its timeout loses only itself
 # Each phase has its own timeout inside one overall budget (GPU_SESSION_BUDGET seconds, default 570);
@@ -197,8 +198,17 @@ for p in "${PHASES[@]}"; do
       fold bench
       phase bench_fit "${BENCH_FIT_TIMEOUT:-200}" python3 -m benchmarks --quick --level fit --out "$STAGE/bench/fit"
       fold bench ;;
+    families)
+      # the other families' shapes: the fused head (Gemma 2's softcapped 256k vocabulary, Gemma 3's 262k, Phi-3's
+      # 32k) and one QLoRA DPO step each, unpatched TRL vs dpo_fast; a second session's phase (after step8b)
+      phase families_head "${FAMILIES_HEAD_TIMEOUT:-120}" python3 benchmarks/head.py \
+        --shapes gemma-2-9b gemma-3-12b phi-3-mini --tokens 8192 --out "$STAGE/families/head"
+      phase families_step "${FAMILIES_STEP_TIMEOUT:-200}" python3 benchmarks/step.py \
+        --shapes gemma-2-9b gemma-3-12b phi-3-mini --step-sizes 2x1024 --methods trl dpo_fast dpo_fast_all \
+        --step-warmup 1 --step-repeats 2 --out "$STAGE/families/step"
+      fold families ;;
     *)
-      say "unknown phase '$p' (use check, tests, step8b, step8bcap, step8bp50, profile, step1b, bench)"; FAILED+=("$p(unknown)") ;;
+      say "unknown phase '$p' (use check, tests, step8b, step8bcap, step8bp50, profile, step1b, bench, families)"; FAILED+=("$p(unknown)") ;;
   esac
 done
 

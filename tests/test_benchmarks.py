@@ -377,3 +377,27 @@ def test_memory_cap_on_cuda_resolves_a_bare_cuda_device(monkeypatch):
     with pytest.raises(ValueError, match="exceeds the GPU"):
         with common.memory_cap(torch.device("cuda:0"), 65 << 30):
             pass
+
+
+@pytest.mark.parametrize("name,billions", [("llama-3.1-8b", 8.03), ("gemma-2-9b", 9.24), ("gemma-3-12b", 11.77),
+                                           ("phi-3-mini", 3.82)])
+def test_model_shapes_are_the_public_models(name, billions):
+    """Each benchmark shape builds its family's transformers model (on the meta device, no memory) with the
+    public model's parameter count (Gemma 3 12B: its language model), and params() counts the same; the
+    benchmark's LoRA targets are that model's linear layers."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.gemm_flops import scaled
+    from benchmarks.models import get_model
+
+    shape = get_model(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape.config())
+    real = sum(p.numel() for p in model.parameters())
+    assert abs(real / 1e9 - billions) < 0.01 and abs(shape.params() - real) < 1e-4 * real
+    linears = {n.rsplit(".", 1)[-1] for n, m in model.model.layers[0].named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    assert linears == set(shape.lora_targets)
+    small = scaled(shape, 8, 2).config()  # what gemm_flops builds: 1/8 of the width, the same head size
+    assert small.hidden_size == shape.hidden_size // 8 and small.num_hidden_layers == 2
+    assert getattr(small, "head_dim", None) in (None, shape.head_size)

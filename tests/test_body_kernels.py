@@ -83,6 +83,51 @@ def test_rms_norm_fp32_weight_bf16_input_promotes_like_transformers(backend, dev
     assert xa.grad.dtype == torch.bfloat16 and torch.isfinite(xa.grad.float()).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 13, 72), (3, 4, 5, 18), (5, 33)])
+def test_rms_norm_gemma_scale_matches_gemma_rms_norm(backend, dtype, shape, device):
+    """offset=1, scale_in_fp32: Gemma's (1 + w) scale applied to the fp32 row, one cast (Gemma 1/2/3's RMSNorm);
+    a 4-D input is Gemma 3's q/k norm over [B, H, T, head_dim]."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    x = (3 * torch.randn(shape, device=device)).to(dtype)
+    w = (0.3 * torch.randn(shape[-1], device=device)).to(dtype)  # stored centred on 0: the scale is 1 + w
+    dy = torch.randn(shape, device=device).to(dtype)
+    xa, wa = leaf(x), leaf(w)
+    y = rms_norm(xa, wa, 1e-6, offset=1.0, scale_in_fp32=True, backend=backend)
+    y.backward(dy)
+    ref = Gemma2RMSNorm(shape[-1], eps=1e-6).to(device=device, dtype=torch.float64)
+    ref.weight.data.copy_(w.double())
+    xr = leaf(x.double())
+    ref(xr).backward(dy.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = TOL[dtype]
+    assert rel(y, ref(x.double())) < tol
+    assert rel(xa.grad, xr.grad) < tol
+    assert rel(wa.grad, ref.weight.grad) < tol
+    same = Gemma3RMSNorm(shape[-1], eps=1e-6).to(device=device, dtype=dtype)  # the module in x's dtype
+    same.weight.data.copy_(w)
+    # the torch mirror has the module's rounding points (bitwise on CPU); the interpreter casts to bf16 by
+    # truncation (a GPU rounds to nearest)
+    exact = backend == "torch" or dtype == torch.float32
+    assert rel(y, same(x)) < (1e-6 if exact else 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_gemma_scale_keeps_the_input_dtype(backend, device):
+    """Gemma casts the result to x's dtype, whatever the weight's (a fp32 norm weight on bf16 activations)."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    m = Gemma2RMSNorm(40).to(device)
+    m.weight.data.normal_(0.0, 0.3)
+    x = torch.randn(3, 7, 40, device=device, dtype=torch.bfloat16)
+    y = rms_norm(x, m.weight.detach(), m.eps, offset=1.0, scale_in_fp32=True, backend=backend)
+    assert y.dtype == m(x).dtype == torch.bfloat16
+    assert rel(y, m(x)) < 1e-2
+
+
 def test_rms_norm_rejects_bad_weight(device):
     with pytest.raises(ValueError, match="weight"):
         rms_norm(torch.randn(2, 8, device=device), torch.ones(7, device=device))
@@ -171,9 +216,35 @@ def test_swiglu_matches_silu_times_up(backend, dtype, shape, device):
     assert rel(h, hr) < tol and rel(ga.grad, gr.grad) < tol and rel(ua.grad, ur.grad) < tol
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_matches_gelu_tanh_times_up(backend, dtype, device):
+    """activation="gelu_tanh": Gemma's gelu_pytorch_tanh(gate) * up, against float64 autograd (gate values
+    from -12 to 12, where tanh saturates and the slope's 1 - tanh^2 must not cancel)."""
+    from transformers.activations import ACT2FN
+
+    g = (4 * torch.randn(3, 13, 77, device=device)).clamp(-12, 12).to(dtype)
+    u = torch.randn(3, 13, 77, device=device).to(dtype)
+    dh = torch.randn(3, 13, 77, device=device).to(dtype)
+    ga, ua = leaf(g), leaf(u)
+    h = swiglu(ga, ua, activation="gelu_tanh", backend=backend)
+    h.backward(dh)
+    gr, ur = leaf(g.double()), leaf(u.double())
+    hr = ACT2FN["gelu_pytorch_tanh"](gr) * ur
+    hr.backward(dh.double())
+    tol = TOL[dtype]
+    assert h.dtype == dtype
+    assert rel(h, hr) < tol and rel(ga.grad, gr.grad) < tol and rel(ua.grad, ur.grad) < tol
+    # elementwise too: no element may be off by more than a few of its dtype's ulps of the largest value
+    scale = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert ((ga.grad.double() - gr.grad).abs() <= scale * (1 + gr.grad.abs())).all()
+
+
 def test_swiglu_rejects_shape_mismatch(device):
     with pytest.raises(ValueError, match="gate and up"):
         swiglu(torch.randn(2, 3, device=device), torch.randn(2, 4, device=device))
+    with pytest.raises(ValueError, match="activation"):
+        swiglu(torch.randn(2, 3, device=device), torch.randn(2, 3, device=device), activation="gelu")
 
 
 # ----------------------------------------------------------------------------------------------- QLoRA

@@ -122,9 +122,10 @@ def test_train_end_to_end_on_jsonl_with_bad_rows(checkpoint_dir, tmp_path, capsy
     assert [r["step"] for r in train_records] == [1, 2, 3]
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
     assert os.path.isfile(os.path.join(out, "training_curves.png"))
-    with pytest.raises(Exception, match="line 4"):  # --on-bad-row error stops at the first bad row
-        main(["train", "--model", checkpoint_dir, "--data", data, "--output", str(tmp_path / "o2"),
-              "--on-bad-row", "error", "--max-steps", "1", "--no-progress"])
+    # --on-bad-row error stops at the first bad row (a user error: one line, status 2)
+    assert main(["train", "--model", checkpoint_dir, "--data", data, "--output", str(tmp_path / "o2"),
+                 "--on-bad-row", "error", "--max-steps", "1", "--no-progress"]) == 2
+    assert "line 4" in capsys.readouterr().err
 
 
 def test_sft_then_train_with_adapter(checkpoint_dir, tmp_path, capsys):
@@ -189,9 +190,10 @@ def test_cpu_thread_count_defaults_to_one_unless_the_user_chose():
 
 
 @pytest.mark.parametrize("env, flag, during", [({}, [], 1), ({"OMP_NUM_THREADS": "2"}, [], 2), ({}, ["--threads", "2"], 2)])
-def test_train_command_pins_cpu_threads_and_restores_them(monkeypatch, env, flag, during):
+def test_train_command_pins_cpu_threads_and_restores_them(monkeypatch, tmp_path, checkpoint_dir, env, flag, during):
     import dpo_fast.train as train_package
     from dpo_fast.train.trainer import TrainResult
+    from dpo_fast.train.distributed import Parallel
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -199,15 +201,21 @@ def test_train_command_pins_cpu_threads_and_restores_them(monkeypatch, env, flag
         monkeypatch.setenv(name, value)
     seen = []
 
-    def fake_train(config):
-        seen.append(torch.get_num_threads())
-        return TrainResult(output_dir=config.output, steps=0, interrupted=False)
+    class FakeTrainer:  # the command's own steps around the run, without the run
+        def __init__(self, config):
+            self.config, self.parallel = config, Parallel()
 
-    monkeypatch.setattr(train_package, "train", fake_train)
+        def train(self):
+            seen.append(torch.get_num_threads())
+            return TrainResult(output_dir=self.config.output, steps=0, interrupted=False)
+
+    monkeypatch.setattr(train_package, "DPOFastTrainer", FakeTrainer)
+    data = write_jsonl(tmp_path / "d.jsonl", make_preference_dataset(4, seed=0))
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert main(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--device", "cpu", *flag]) == 0
+        assert main(["train", "--model", checkpoint_dir, "--data", data, "--output", str(tmp_path / "o"),
+                     "--device", "cpu", *flag]) == 0
         assert seen == [during] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)

@@ -43,8 +43,9 @@ def _batch(b, t, d, vocab, *, trainable=False, lengths=None, device="cpu"):
     return hidden.to(device).requires_grad_(), weight.to(device).requires_grad_(trainable), labels.to(device)
 
 
-def _unfused(hidden, weight, labels, ref_hidden, *, average=False):
-    """float64 on the CPU: per-row masked sums of log_softmax-gathered label log-probs, policy and reference."""
+def _unfused(hidden, weight, labels, ref_hidden, *, average=False, softcap=None):
+    """float64 on the CPU: per-row masked sums of log_softmax-gathered label log-probs, policy and reference
+    (logits capped to softcap * tanh(z / softcap) first when softcap is given)."""
     h = hidden.detach().cpu().double().requires_grad_()
     w = weight.detach().cpu().double().requires_grad_(weight.requires_grad)
     labels, ref_hidden = labels.cpu(), ref_hidden.detach().cpu()
@@ -52,6 +53,8 @@ def _unfused(hidden, weight, labels, ref_hidden, *, average=False):
 
     def seq(hh, ww):
         z = hh @ ww.t()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
         lp = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
         lp = torch.where(mask, lp, 0.0)
         s = lp.sum(1)
@@ -199,6 +202,36 @@ def test_loss_options_match_unfused(backend, opts, device):
     scale = max(abs(ref_loss.item()), beta * pol.detach().abs().max().item())
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * scale
     assert _rel(hidden.grad, h.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_softcap_matches_unfused(backend, trainable, device):
+    """softcap=c (Gemma 2's final_logit_softcapping) caps the policy's and the on-the-fly reference's logits:
+    loss, gradients and the logit metrics are those of the capped logits (|z| reaches ~3c here)."""
+    b, t, d, vocab, beta, cap = 3, 13, 24, 301, 0.3, 2.5
+    hidden, weight, labels = _batch(b, t, d, vocab, trainable=trainable, device=_dev(backend, device))
+    with torch.no_grad():
+        hidden.mul_(2.0)
+    ref_hidden = hidden.detach() + 0.3 * torch.randn_like(hidden)
+    with use_backend(backend), chunking(16, 128):
+        loss, metrics = fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, beta=beta, softcap=cap)
+        loss.backward()
+    pol, ref, z, mask, h, w = _unfused(hidden, weight, labels, ref_hidden, softcap=cap)
+    assert (z.abs() > 0.9 * cap).any()  # the cap really bends these logits
+    ref_loss = -torch.nn.functional.logsigmoid(beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:]))).mean()
+    ref_loss.backward()
+    assert _rel(loss, ref_loss) < 1e-5
+    assert _rel(hidden.grad, h.grad) < 1e-5
+    if trainable:
+        assert _rel(weight.grad, w.grad) < 1e-5
+    p = torch.softmax(z, -1)
+    expect = {"logps/chosen": pol[:b].mean(), "logps/rejected": pol[b:].mean(),
+              "rewards/margins": beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:])).mean(),
+              "logits/chosen": z[:b][mask[:b]].mean(), "logits/rejected": z[b:][mask[b:]].mean(),
+              "entropy": (-(p * p.log()).sum(-1))[mask].mean()}
+    for k, v in expect.items():
+        assert math.isclose(metrics[k], v.item(), rel_tol=1e-4, abs_tol=1e-5), (k, metrics[k], v.item())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -3,12 +3,15 @@
 Triton kernels run under the interpreter on CPU (compiled on a GPU); the torch mirror on the CPU.
 Each reference materializes the logits in float64, caps them, and takes log_softmax + gather.
 """
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from dpo_fast import linear_log_probs
 from dpo_fast.ops.backend import use_backend
 from dpo_fast.ops.linear_log_probs import chunking, compacted_log_probs, linear_log_probs_with_stats
+from head_checks import assert_head_matches
 
 pytestmark = pytest.mark.kernels
 BACKENDS = ["torch", "triton"]
@@ -88,30 +91,13 @@ def test_softcap_fp32_matches_float64(backend, trainable, with_bias, shape, d, v
     dev = _dev(backend, device)
     hidden, weight, bias, labels = _make(shape, d, vocab, scale, trainable, with_bias, device=dev)
     grad_out = torch.randn(shape)
-    with use_backend(backend), (chunking(*chunks) if chunks else _null()):
+    with use_backend(backend), (chunking(*chunks) if chunks else nullcontext()):
         out = linear_log_probs(hidden, weight, labels, bias=bias, softcap=softcap)
         (out * grad_out.to(dev)).sum().backward()
     ref, (h64, w64, b64), _, mask = _reference(hidden, weight, bias, labels, softcap)
     (ref * grad_out).sum().backward()
-    assert out.dtype == torch.float32 and out.shape == labels.shape
-    assert (out.cpu()[~mask] == 0).all()
-    assert _rel(out, ref) < TOL
-    assert _rel(hidden.grad, h64.grad) < TOL
-    assert (hidden.grad.cpu().reshape(-1, d)[~mask.view(-1)] == 0).all()
-    if trainable:
-        assert _rel(weight.grad, w64.grad) < TOL
-        if with_bias:
-            assert _rel(bias.grad, b64.grad) < TOL
-    else:
-        assert weight.grad is None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    assert_head_matches(out, ref, mask, hidden, weight, bias, (h64, w64, b64), trainable=trainable,
+                        with_bias=with_bias, tol=TOL)
 
 
 def test_softcap_changes_the_answer():

@@ -65,10 +65,20 @@ def prefix_shared_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
 
     The layout comes in ``kwargs[PREFIX_KWARG]``; ``attention_mask`` (the packed rows' padding mask
     transformers built) is not needed: padding sits at the end of each row, after every real token.
+    A sliding window (``kwargs["sliding_window"]``) is exact only for rows no longer than it, and
+    attention-score softcapping (``kwargs["softcap"]``) is not reproduced: both are errors here
+    (`dpo_fast.forward.plan_packing` runs such calls unshared before they get here).
     """
     layout: PrefixLayout = kwargs.get(PREFIX_KWARG)
     if not isinstance(layout, PrefixLayout):
         raise ValueError(f"prefix-shared attention needs a PrefixLayout in {PREFIX_KWARG!r}")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"prefix-shared attention does not cap attention scores (softcap={kwargs['softcap']}); "
+                         "run this model without prefix sharing")
+    window = kwargs.get("sliding_window")
+    if window is not None and max(layout.len_a, layout.len_b) > window:
+        raise ValueError(f"prefix-shared attention: rows of {max(layout.len_a, layout.len_b)} tokens exceed the "
+                         f"sliding window ({window}); run this call without prefix sharing")
     if query.shape[2] != layout.length or key.shape[2] != layout.length:
         raise ValueError(f"prefix-shared attention: layout is for rows of {layout.length} tokens, got query "
                          f"{query.shape[2]} and key {key.shape[2]} (a key/value cache is not supported)")

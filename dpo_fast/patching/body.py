@@ -1,8 +1,13 @@
-"""Swap dpo_fast's kernels into the decoder body of a Llama-family model (and swap them back).
+"""Swap dpo_fast's kernels into the decoder body of a supported model (and swap them back).
 
-`patch_body` replaces, per module instance, the bound ``forward`` of
-  * LlamaRMSNorm (and Mistral/Qwen2/Qwen3's copies)       -> dpo_fast.ops.rms_norm
-  * LlamaMLP with a SiLU activation                      -> down_proj(swiglu(gate_proj(x), up_proj(x)))
+`patch_body` replaces, per module instance, the bound ``forward`` of (the modules of every family in
+`dpo_fast.families`: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3)
+  * LlamaRMSNorm and its copies                          -> dpo_fast.ops.rms_norm (GemmaRMSNorm's fp32
+                                                            ``1 + w`` scale for the Gemma families; their
+                                                            pre/post-feedforward and q/k norms too)
+  * LlamaMLP with a SiLU or tanh-GeLU activation         -> down_proj(swiglu(gate, up)): SwiGLU, or GeGLU for
+                                                            Gemma; Phi-3's one gate_up_proj is chunked into
+                                                            gate and up as its own forward does
   * LlamaAttention                                       -> same forward, rotary embedding by dpo_fast.ops.rope;
                                                             with ``prefix_sharing=True`` it also accepts
                                                             packed [prompt | chosen | rejected] rows
@@ -16,7 +21,8 @@ and, with ``offload_checkpointing=True``, installs dpo_fast.ops.offload_checkpoi
 layers' gradient-checkpointing function (enabling checkpointing if it was off). With the QLoRA linear
 on, each decoder layer's checkpoint function (whichever it is) is wrapped so that the layer's recompute
 in backward skips its last projection's GEMMs, whose output nobody reads (with offloading, o_proj's
-too: the post-attention norm parks the mid residual). Both stay in place when a trainer re-enables
+too: the post-attention norm parks the mid residual); not in Gemma 2 / 3 layers, which normalise those
+outputs (`dpo_fast.families.Family.tail_skip`). Both stay in place when a trainer re-enables
 checkpointing later (dpo_fast.patching.checkpointing).
 
 Only instance attributes change: classes, parameters, buffers and state-dict keys stay exactly as
@@ -25,7 +31,9 @@ restores the ones that were there before). The rotary embedding is applied by a 
 function in each modeling file (``apply_rotary_pos_emb``); while any model is patched that function
 is replaced by a dispatcher which uses dpo_fast's kernel only inside a patched attention module's
 forward and calls the original everywhere else; the original is put back when the last patched model
-is unpatched. Each patched forward falls back to the original one for cases the kernels do not cover
+is unpatched. Partial rotary (Phi-4-mini's, cos/sin narrower than the head) goes to the original. The
+attention function itself (eager, SDPA, flash; Gemma 2's attention softcapping, sliding windows) stays
+the model's own. Each patched forward falls back to the original one for cases the kernels do not cover
 (merged or disabled adapters, several active adapters, DoRA, 8-bit bases, ...). Under autocast the
 QLoRA linear runs in the autocast dtype, as peft + bitsandbytes do.
 """
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import sys
 import types
 from typing import Any, Dict, Optional
@@ -43,6 +52,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import AttentionInterface
 
 from .. import state
+from ..families import module_role
 from ..ops.prefix_attention import PREFIX_KWARG, prefix_shared_attention
 from ..ops.qlora_group import apply_group, can_group
 from ..ops.qlora_linear import TRITON_DEQUANT, is_4bit_base, is_supported_base, lora_linear
@@ -59,16 +69,13 @@ __all__ = ["patch_body", "unpatch_body", "BODY_KERNELS", "prefix_sharing_enabled
 #: The switches of patch_body, in the order they are reported.
 BODY_KERNELS = BodyOptions.names()
 
-_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
-_NORM_CLASSES = {f"{f}RMSNorm" for f in _FAMILIES}
-_MLP_CLASSES = {f"{f}MLP" for f in _FAMILIES}
-_ATTN_CLASSES = {f"{f}Attention" for f in _FAMILIES}
-#: decoder layers whose output is ``residual + mlp(...)``: the MLP's down_proj output feeds nothing else
-_LAYER_CLASSES = {f"{f}DecoderLayer" for f in _FAMILIES}
-_SILU_CLASSES = {"SiLU", "SiLUActivation"}
+#: the gated-MLP activation modules the kernel reproduces, by class name -> dpo_fast.ops.swiglu's activation
+_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
 
 _PREV = "_dpo_fast_prev_forward"   # on a patched module: (attribute name, previous instance value or _MISSING)
 _ATTN = "_dpo_fast_attention"      # on a patched attention module: {"rope": bool, "prefix": bool}
+_NORM = "_dpo_fast_norm"           # on a patched norm: (name of its eps attribute, Gemma's 1 + w scale)
+_MLP = "_dpo_fast_mlp"             # on a patched MLP: (one fused gate_up_proj, activation name)
 _PREFIX_IMPL = "dpo_fast_prefix_sdpa"  # the AttentionInterface name of dpo_fast.ops.prefix_attention
 _GROUP = "_dpo_fast_lora_group"  # on a patched LoRA layer: (its _LoRAGroup, its index in it)
 _TAIL = "_dpo_fast_tail"  # on a patched LoRA down_proj (END) or o_proj (MID): see patching.checkpointing
@@ -86,17 +93,28 @@ def _original_forward(module: nn.Module):
     return type(module).forward.__get__(module)
 
 
+def _norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    eps_attr, gemma = self.__dict__[_NORM]
+    return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=1.0 if gemma else 0.0,
+                    scale_in_fp32=gemma)
+
+
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return _norm(self, hidden_states)
 
 
 def _mid_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """post_attention_layernorm of an offloaded layer whose recompute skips o_proj (patching.checkpointing)."""
-    return rms_norm(mid_residual(hidden_states), self.weight, self.variance_epsilon)
+    return _norm(self, mid_residual(hidden_states))
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    fused, activation = self.__dict__[_MLP]
+    if fused:  # Phi-3: one projection, chunked as Phi3MLP.forward does
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(swiglu(gate, up, activation=activation))
 
 
 class _PrefixConfigView:
@@ -240,23 +258,38 @@ def _lora_linear_types() -> tuple:
     return tuple(types_)
 
 
-def _is_norm(m: nn.Module) -> bool:
+def _norm_spec(m: nn.Module) -> Optional[tuple]:
+    """(eps attribute name, Gemma's 1 + w scale) for a norm the kernel reproduces, else None."""
+    family, role = module_role(m)
     w = getattr(m, "weight", None)
-    return (type(m).__name__ in _NORM_CLASSES and isinstance(w, torch.Tensor) and w.dim() == 1
-            and hasattr(m, "variance_epsilon"))
+    if role != "norm" or not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return None
+    eps_attr = "eps" if family.gemma_norm else "variance_epsilon"
+    eps = getattr(m, eps_attr, None)
+    return (eps_attr, family.gemma_norm) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
 
 
-def _is_swiglu_mlp(m: nn.Module) -> bool:
-    return (type(m).__name__ in _MLP_CLASSES and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and type(getattr(m, "act_fn", None)).__name__ in _SILU_CLASSES)
+def _gated_mlp_spec(m: nn.Module) -> Optional[tuple]:
+    """(one fused gate_up_proj, activation) for a gated MLP the kernel reproduces, else None."""
+    family, role = module_role(m)
+    if role != "mlp":
+        return None
+    if family.fused_gate_up:
+        names, act = ("gate_up_proj", "down_proj"), getattr(m, "activation_fn", None)
+    else:
+        names, act = ("gate_proj", "up_proj", "down_proj"), getattr(m, "act_fn", None)
+    activation = _ACTIVATIONS.get(type(act).__name__)
+    if activation is None or not all(isinstance(getattr(m, n, None), nn.Module) for n in names):
+        return None
+    return family.fused_gate_up, activation
 
 
 def _is_attention(m: nn.Module) -> bool:
-    return type(m).__name__ in _ATTN_CLASSES and "config" in m.__dict__
+    return module_role(m)[1] == "attention" and "config" in m.__dict__
 
 
 def _rope_function_owner(m: nn.Module) -> Optional[types.ModuleType]:
-    if type(m).__name__ not in _ATTN_CLASSES:
+    if module_role(m)[1] != "attention":
         return None
     owner = sys.modules.get(type(m).__module__)
     return owner if owner is not None and callable(getattr(owner, "apply_rotary_pos_emb", None)) else None
@@ -284,8 +317,8 @@ def _restore_forward(module: nn.Module) -> bool:
         del module.__dict__[attr]
     else:
         module.__dict__[attr] = value
-    module.__dict__.pop(_ATTN, None)
-    module.__dict__.pop(_GROUP, None)
+    for key in (_ATTN, _NORM, _MLP, _GROUP):
+        module.__dict__.pop(key, None)
     module.__dict__.pop(_TAIL, None)
     return True
 
@@ -346,8 +379,7 @@ def _uninstall_rope(owner_name: str) -> None:
 def patch_body(model: nn.Module, options: Optional[BodyOptions] = None, **switches: bool) -> Dict[str, int]:
     """Swap dpo_fast's body kernels into `model` in place; returns how many modules each switch changed.
 
-    model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 dense), bare or in a
-    peft PeftModel. Patching an already patched model first undoes the previous patch.
+    model: a supported transformers causal LM (`dpo_fast.families`), bare or in a peft PeftModel. Patching an already patched model first undoes the previous patch.
     options / switches: a `BodyOptions` (default: its defaults), with any switch given by keyword
     replaced (``patch_body(model, rms_norm=False)``). Counts: nf4_dequant per 4-bit base the kernel
     dequantizes (CUDA only at run time), recompute_tail_skip per decoder layer whose checkpoint recompute
@@ -367,11 +399,15 @@ def patch_body(model: nn.Module, options: Optional[BodyOptions] = None, **switch
     for module in model.modules():
         if _PREV in module.__dict__:
             continue
-        if rms_norm and _is_norm(module):
+        norm_spec = _norm_spec(module) if rms_norm else None
+        mlp_spec = _gated_mlp_spec(module) if swiglu else None
+        if norm_spec is not None:
             _set_forward(module, _rms_norm_forward)
+            module.__dict__[_NORM] = norm_spec
             counts["rms_norm"] += 1
-        elif swiglu and _is_swiglu_mlp(module):
+        elif mlp_spec is not None:
             _set_forward(module, _mlp_forward)
+            module.__dict__[_MLP] = mlp_spec
             counts["swiglu"] += 1
         elif (rope and _rope_function_owner(module) is not None) or (prefix_sharing and _is_attention(module)):
             owner = _rope_function_owner(module) if rope else None
@@ -424,13 +460,14 @@ def _make_groups(model: nn.Module) -> None:
 
 
 def _mark_tails(model: nn.Module, mid: bool) -> list:
-    """Mark each supported decoder layer's patched down_proj as its layer's tail (END); returns those layers.
-    With `mid` (offloaded checkpointing) also its patched o_proj (MID), whose layer then parks the mid
-    residual at a patched post_attention_layernorm."""
+    """Mark the patched down_proj of each decoder layer whose family allows it (`Family.tail_skip`) as its
+    layer's tail (END); returns those layers. With `mid` (offloaded checkpointing) also its patched o_proj
+    (MID), whose layer then parks the mid residual at a patched post_attention_layernorm."""
     layers = []
     for module in model.modules():
+        family, role = module_role(module)
         mlp = getattr(module, "mlp", None)
-        if type(module).__name__ not in _LAYER_CLASSES or not isinstance(mlp, nn.Module) or not _is_swiglu_mlp(mlp):
+        if role != "layer" or not family.tail_skip or not isinstance(mlp, nn.Module) or _gated_mlp_spec(mlp) is None:
             continue
         down = mlp.down_proj
         if isinstance(down, nn.Module) and is_patched_lora(down):

@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Tuple
 class BodyOptions:
     """Which of dpo_fast's body changes `patch` applies (each can be switched off on its own).
 
-    rms_norm, rope, swiglu: the RMSNorm, rotary-embedding and SwiGLU kernels.
+    rms_norm, rope, swiglu: the RMSNorm, rotary-embedding and gated-MLP kernels (SwiGLU; GeGLU for Gemma).
     qlora_linear: the fused (Q)LoRA linear op on peft LoRA layers; q/k/v and gate/up run as one op.
     nf4_dequant: with qlora_linear, 4-bit bases dequantized by dpo_fast's kernel on CUDA.
     offload_checkpointing: checkpointed layer inputs parked in CPU memory (turns checkpointing on).

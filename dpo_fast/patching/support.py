@@ -1,29 +1,27 @@
 """What `dpo_fast.patch` supports, and one place that says so when a model falls outside it.
 
-Supported: transformers causal LMs of the Llama family that share LlamaForCausalLM's modules
-(Llama, Mistral, Qwen2, Qwen3 dense), bare or wrapped by a peft `PeftModel` with LoRA adapters,
-in fp32/bf16/fp16, with base weights unquantized or quantized by bitsandbytes (4-bit nf4/fp4, with or
-without double quantization, or 8-bit). The LM head itself must be a plain (unquantized, LoRA-free)
-linear layer with no logit scaling or soft-capping, which is what transformers and peft produce by
-default for these models.
+Supported: the transformers causal LMs of `dpo_fast.families` (Llama, Mistral, Qwen2, Qwen3 dense,
+Gemma, Gemma 2, Gemma 3 text, Phi-3 / Phi-4), tied or untied embeddings, bare or wrapped by a peft
+`PeftModel` with LoRA adapters, in fp32/bf16/fp16, with base weights unquantized or quantized by
+bitsandbytes (4-bit nf4/fp4, with or without double quantization, or 8-bit). The LM head itself must
+be a plain (unquantized, LoRA-free) linear layer, which is what transformers and peft produce by
+default for these models, and the logits must be what the fused head computes: no logit scaling, and
+final-logit softcapping only where the model's own forward applies it (Gemma 2 and 3).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from ..errors import UserError
+from ..families import FAMILIES, family_of, text_config
 from ..state import unwrap_parallel
 
-SUPPORTED_MODEL_TYPES: Tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_CLASSES: Tuple[str, ...] = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(f.model_type for f in FAMILIES)
+SUPPORTED_CLASSES: Tuple[str, ...] = tuple(f.causal_lm for f in FAMILIES)
 SUPPORTED_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_QUANTIZATION = "none, bitsandbytes 4-bit (nf4/fp4, optional double quant), bitsandbytes 8-bit"
 SUPPORTED_PEFT = "none, or a peft PeftModel with LoRA adapters"
@@ -32,16 +30,20 @@ SUPPORTED_SUMMARY = (
     f"dpo_fast supports causal LMs {', '.join(SUPPORTED_CLASSES)} (config.model_type in "
     f"{list(SUPPORTED_MODEL_TYPES)}), bare or wrapped by peft ({SUPPORTED_PEFT}); dtypes fp32/bf16/fp16; "
     f"base-weight quantization: {SUPPORTED_QUANTIZATION}; with gradient checkpointing on or off; "
-    "with an unquantized, LoRA-free lm_head and no logit scaling or soft-capping."
+    "with an unquantized, LoRA-free lm_head and no logit scaling (final-logit softcapping on Gemma 2 / 3 only)."
 )
 
-# Config attributes that change the logits in ways the fused head does not reproduce.
+# Config attributes that change the logits in ways the fused head does not reproduce (softcapping is
+# reproduced for the families whose forward applies it: `dpo_fast.families.final_logit_softcap`).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
 
-class UnsupportedModelError(TypeError):
-    """Raised for a model `dpo_fast.patch` cannot handle; the message lists what is supported."""
+class UnsupportedModelError(TypeError, UserError):
+    """Raised for a model `dpo_fast.patch` cannot handle; the message lists what is supported.
+
+    A TypeError (the model is of the wrong kind) and a `UserError` (the command line prints it as one line).
+    """
 
 
 def _unsupported(reason: str) -> UnsupportedModelError:
@@ -96,18 +98,41 @@ def check_lm_head(causal_lm: nn.Module) -> nn.Linear:
     return head
 
 
+def architecture_problem(model_type: Any, class_name: Optional[str]) -> Optional[str]:
+    """Why a model of this config.model_type / class is outside dpo_fast's families, or None when it is in."""
+    if model_type in SUPPORTED_MODEL_TYPES and (class_name is None or class_name in SUPPORTED_CLASSES):
+        return None
+    return f"unsupported architecture {class_name or '?'} (model_type={model_type!r})"
+
+
+def check_config_supported(config: Any, architectures: Optional[Sequence[str]] = None) -> None:
+    """Raise UnsupportedModelError when a model config (a PretrainedConfig or its dict) names an
+    architecture outside `FAMILIES`; checks what loading the weights would only tell later."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    archs = architectures if architectures is not None else (get("architectures") or [])
+    problem = architecture_problem(get("model_type"), archs[0] if archs else None)
+    if problem:
+        raise _unsupported(problem)
+
+
 def check_supported(model: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
     """Validate `model` and return (causal_lm, peft_model_or_None); raise UnsupportedModelError otherwise."""
     causal_lm, peft_model = unwrap_causal_lm(model)
     config = getattr(causal_lm, "config", None)
     model_type = getattr(config, "model_type", None)
     cls = type(causal_lm).__name__
-    if model_type not in SUPPORTED_MODEL_TYPES or cls not in SUPPORTED_CLASSES:
+    family = family_of(causal_lm)
+    if family is None:
         raise _unsupported(f"unsupported architecture {cls} (model_type={model_type!r})")
+    text = text_config(config)
     for attr in _LOGIT_TRANSFORMS:
-        value = getattr(config, attr, None)
+        value = getattr(text, attr, None)
+        if attr == "final_logit_softcapping" and family.final_logit_softcap:
+            continue  # the fused head caps the logits as the model's forward does
         if value not in (None, 1, 1.0):
             raise _unsupported(f"config.{attr}={value!r} changes the logits")
+    if getattr(text, "use_bidirectional_attention", False):
+        raise _unsupported("config.use_bidirectional_attention=True: the model is not a causal LM")
     if peft_model is not None:
         _check_peft(peft_model)
     _check_quantization(causal_lm)

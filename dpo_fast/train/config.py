@@ -16,6 +16,8 @@ STAGES = ("dpo", "sft")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit", "adamw_8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
+#: what a step whose loss or gradient norm is NaN / Inf does: stop the run (nothing non-finite saved) or skip it
+ON_NONFINITE = ("stop", "skip")
 
 #: Default learning rates per stage: 5e-6 for DPO (Unsloth's recommendation), 2e-4 for SFT LoRA.
 DEFAULT_LR = {"dpo": 5e-6, "sft": 2e-4}
@@ -99,6 +101,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     scheduler: str = "cosine"
     max_grad_norm: Optional[float] = 1.0
+    on_nonfinite: str = "stop"  # a NaN / Inf loss or gradient norm: "stop" with an error, or "skip" the update
     batch_size: int = 2  # preference pairs per micro-batch
     grad_accum: int = 1
     epochs: float = 1.0
@@ -110,6 +113,7 @@ class TrainConfig:
     eval_steps: Optional[int] = None  # None: evaluate at the end only
     save_steps: Optional[int] = None  # None: checkpoint at the end only
     resume: Union[bool, str] = False  # True: latest checkpoint in output; str: that checkpoint
+    overwrite: bool = False  # delete the outputs of an earlier run in `output` first (else such a folder is refused)
     merge: bool = False
     progress: bool = True
     plot: bool = True
@@ -136,6 +140,9 @@ class TrainConfig:
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _choice("on_bad_row", self.on_bad_row, ON_BAD_ROW)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite: it deletes the outputs that resume would continue; pass one of them")
         self.build_loss_options()
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps"):
             if int(getattr(self, name)) < 1:

@@ -46,7 +46,7 @@ from dpo_fast.state import record_holder
 from .config import TrainConfig
 from .distributed import Parallel
 from .model_loading import (LoadedModel, _load_config, _weights_fingerprint, is_checkpoint, load_tokenizer,
-                            model_identity, prepare_model)
+                            model_fingerprint, model_identity, prepare_model)
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -186,7 +186,9 @@ def load_sharded_model(cfg: TrainConfig, parallel: Parallel, *, model: Optional[
     if cfg.patch:
         net = patching.patch(net, offload_checkpointing=cfg.offload_checkpointing, prefix_sharing=cfg.prefix_sharing)
     return LoadedModel(model=net, tokenizer=tok, model_id=model_id, quantized=quantized,
-                       has_ref_adapter="ref" in getattr(net, "peft_config", {}))
+                       has_ref_adapter="ref" in getattr(net, "peft_config", {}),
+                       fingerprint=model_id if model is not None else model_fingerprint(
+                           cfg.model, cfg.adapter, cfg.seed, revision=cfg.revision))
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -4,7 +4,9 @@ Micro-batches come from a per-epoch batch order (length-grouped, seeded by seed 
 to end over epochs; optimizer step s consumes micro-batches [s * grad_accum, (s + 1) * grad_accum).
 That makes the position a single integer, so a resumed run sees exactly the batches it would have
 seen. bf16 autocast runs on GPU only; gradients are clipped; a SIGINT finishes the current step,
-then the caller saves a checkpoint.
+then the caller saves a checkpoint. A step whose loss or gradient norm is NaN / Inf (a diverged run)
+stops the loop with NonFiniteError before the optimizer applies it, or, with on_nonfinite="skip", is
+skipped (no update).
 """
 from __future__ import annotations
 
@@ -18,11 +20,58 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from dpo_fast.errors import UserError
+
 from .distributed import Parallel, gradient_sync, loss_scale, metric_weights
 from .optim import clip_gradients
 
 LossFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, Any]]]
 OrderFn = Callable[[int], List[List[int]]]
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A step's loss or gradient norm is NaN or Inf: the run diverged. Raised before that step's update."""
+
+    def __init__(self, message: str, *, step: int, what: str, value: float = float("nan")) -> None:
+        super().__init__(message)
+        self.step = step
+        self.what = what  # "loss", "gradient norm" or "weights"
+        self.value = value
+
+
+NONFINITE_HINT = ("lower --lr, or enable gradient clipping (--max-grad-norm 1.0; a smaller value clips harder); "
+                  "--on-nonfinite skip skips such steps instead of stopping")
+
+
+def nonfinite_error(what: str, value: float, step: int, hint: str = NONFINITE_HINT) -> NonFiniteError:
+    """The error of a step whose `what` ("loss" / "gradient norm") is `value` (NaN or Inf)."""
+    return NonFiniteError(f"{what} is not finite ({value}) at step {step}: the training diverged; {hint}",
+                          step=step, what=what, value=value)
+
+
+class ZeroGradWatch:
+    """Spots a collapsed run: the gradient norm exactly 0 for `patience` steps in a row (every update is 0).
+
+    `update` returns a one-line warning the first time that happens (naming the steps), None otherwise.
+    """
+
+    def __init__(self, patience: int = 5) -> None:
+        self.patience = patience
+        self.first: Optional[int] = None
+        self.warned = False
+
+    def update(self, step: int, grad_norm: float) -> Optional[str]:
+        if grad_norm != 0.0:
+            self.first = None
+            return None
+        if self.first is None:
+            self.first = step
+        if self.warned or step - self.first + 1 < self.patience:
+            return None
+        self.warned = True
+        return (f"warning: the gradient norm has been exactly 0 for {step - self.first + 1} steps in a row (steps "
+                f"{self.first}-{step}): the run has collapsed and its updates change nothing (e.g. a learning rate "
+                "so large that the loss saturated); lower --lr and keep --max-grad-norm on (warned once)")
 
 
 @dataclass
@@ -35,6 +84,7 @@ class LoopState:
     batches_per_epoch: int = 1
     interrupted: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
+    skipped: Optional[str] = None  # why the last step's update was skipped (on_nonfinite="skip"), else None
 
     @property
     def epoch(self) -> float:
@@ -167,8 +217,12 @@ def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
              state: LoopState, grad_accum: int, max_grad_norm: Optional[float], device: torch.device,
              precision: str = "auto", on_step: Optional[Callable[[LoopState, Dict[str, float]], None]] = None,
              stop: Optional[StopFlag] = None, parallel: Optional[Parallel] = None,
-             loss_weight: Optional[Callable[[Dict[str, torch.Tensor]], float]] = None) -> LoopState:
+             loss_weight: Optional[Callable[[Dict[str, torch.Tensor]], float]] = None,
+             on_nonfinite: str = "stop") -> LoopState:
     """Run optimizer steps until state.total_steps (or a stop request). `on_step` sees each step's metrics.
+
+    A NaN / Inf loss or gradient norm raises NonFiniteError before the step's update (on_nonfinite="stop"),
+    or skips the update (on_nonfinite="skip"; state.skipped says why, the record has skipped_update=1).
 
     With a multi-process `parallel` (dpo_fast.train.distributed), `order_fn` gives the global micro-batches,
     each process runs its share, gradients synchronise on a step's last micro-batch only, and the metrics
@@ -187,27 +241,40 @@ def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
             break
         t0 = time.perf_counter()
         items, tokens = [], 0
+        bad_loss: Optional[float] = None  # a micro-batch's non-finite loss
         optimizer.zero_grad(set_to_none=True)
         if multi:
-            items, tokens = _parallel_micro_batches(model, stream, parallel, examples=examples, collate=collate,
-                                                    loss_fn=loss_fn, state=state, grad_accum=grad_accum,
-                                                    device=device, dtype=dtype, loss_weight=loss_weight)
+            items, tokens, bad_loss = _parallel_micro_batches(
+                model, stream, parallel, examples=examples, collate=collate, loss_fn=loss_fn, state=state,
+                grad_accum=grad_accum, device=device, dtype=dtype, loss_weight=loss_weight)
         else:
             for _ in range(grad_accum):
                 index, indices = next(stream)
                 batch = to_device(collate([examples[i] for i in indices]), device)
                 with autocast(device, dtype):
                     loss, metrics = loss_fn(model, batch)
+                state.micro = index + 1
                 if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; stopping")
-                (loss / grad_accum).backward()
+                    if on_nonfinite == "stop":
+                        raise nonfinite_error("loss", loss.item(), state.step + 1)
+                    bad_loss = loss.item() if bad_loss is None else bad_loss
+                else:
+                    (loss / grad_accum).backward()
                 metrics = dict(metrics)
                 metrics["loss"] = loss.detach()
                 items.append((metrics, float(pairs_in(batch))))
                 tokens += int(batch["attention_mask"].sum())
-                state.micro = index + 1
         grad_norm, finite = clip_gradients(params, max_grad_norm)
-        if finite:
+        state.skipped = None
+        if bad_loss is not None:  # several processes agree on it here; one process stopped at the micro-batch
+            if on_nonfinite == "stop":
+                raise nonfinite_error("loss", bad_loss, state.step + 1)
+            state.skipped = f"loss is not finite ({bad_loss})"
+        elif not finite:
+            if on_nonfinite == "stop":
+                raise nonfinite_error("gradient norm", grad_norm, state.step + 1)
+            state.skipped = f"gradient norm is not finite ({grad_norm})"
+        if state.skipped is None:
             optimizer.step()
         lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
         if scheduler is not None:
@@ -220,7 +287,7 @@ def run_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
         record = _mean_metrics(items)
         record.update({"learning_rate": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
                        "epoch": state.epoch, "tokens_per_second": tokens / max(elapsed, 1e-9),
-                       "skipped_update": float(not finite)})
+                       "skipped_update": float(state.skipped is not None)})
         if on_step is not None:
             on_step(state, record)
     return state
@@ -230,12 +297,17 @@ def _parallel_micro_batches(model: torch.nn.Module, stream: Iterator[Tuple[int, 
                             examples: Sequence[Dict[str, Any]], collate: Callable, loss_fn: LossFn, state: LoopState,
                             grad_accum: int, device: torch.device, dtype: Optional[torch.dtype],
                             loss_weight: Optional[Callable[[Dict[str, torch.Tensor]], float]]
-                            ) -> Tuple[List[Tuple[Dict[str, float], float]], float]:
+                            ) -> Tuple[List[Tuple[Dict[str, float], float]], float, Optional[float]]:
     """One optimizer step's forwards and backwards on this process's shares of the global micro-batches.
 
-    Returns the global micro-batches' (metrics, pairs) and the step's token count over all processes.
+    Returns the global micro-batches' (metrics, pairs), the step's token count over all processes and a
+    non-finite loss of any process (None when all are finite). A process whose loss is NaN / Inf still runs
+    its backward (the gradients, and so everyone's gradient norm, turn non-finite): the processes run the
+    same collectives and agree on the step.
     """
     local = []
+    bad = float("nan")
+    any_bad = False
     for k in range(grad_accum):
         index, indices = next(stream)
         part = parallel.share(indices)
@@ -247,13 +319,13 @@ def _parallel_micro_batches(model: torch.nn.Module, stream: Iterator[Tuple[int, 
         with gradient_sync(model, sync=k == grad_accum - 1):
             with autocast(device, dtype):
                 loss, metrics = loss_fn(model, batch)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1} on process "
-                                         f"{parallel.rank}; stopping")
+            if part and not torch.isfinite(loss.detach()):
+                any_bad, bad = True, loss.item()
             (loss * (loss_scale(parallel, weight, global_weight) / grad_accum)).backward()
         metrics = dict(metrics)
         metrics["loss"] = loss.detach()
         local.append((metrics, pairs, weight, float(batch["attention_mask"].sum()) if part else 0.0,
                       metric_weights(batch)))
         state.micro = index + 1
-    return parallel.reduce_micro_batches(local)
+    items, tokens = parallel.reduce_micro_batches(local)
+    return items, tokens, (bad if parallel.any(any_bad) else None)

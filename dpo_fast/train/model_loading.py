@@ -19,6 +19,8 @@ from typing import Any, List, Optional
 import torch
 
 from dpo_fast import hub, patching
+from dpo_fast.errors import UserError
+from dpo_fast.patching.support import check_supported
 
 from .config import TrainConfig
 
@@ -34,6 +36,8 @@ class LoadedModel:
     model_id: str  # stable identity for the reference-log-prob cache key
     quantized: bool
     has_ref_adapter: bool
+    # the starting weights' identity independent of where they lie (a run's identity; "" -> model_id)
+    fingerprint: str = ""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -88,12 +92,35 @@ def model_identity(spec: Any, adapter: Optional[str], seed: int, *, revision: Op
             cfg.pop(volatile, None)
         parts.append("random-init:" + json.dumps(cfg, sort_keys=True, default=str))
         parts.append(f"seed:{seed}")
+    parts.extend(_adapter_parts(adapter))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _adapter_parts(adapter: Optional[str]) -> List[str]:
+    """The adapter's identity: a Hub adapter's resolved commit, or a folder's adapter files' hashes."""
     if adapter and hub.is_hub_id(adapter):
-        parts.append(hub.identity(adapter, "adapter_config.json", flag="--adapter"))
-    elif adapter:
+        return [hub.identity(adapter, "adapter_config.json", flag="--adapter")]
+    parts = []
+    if adapter:
         for path in sorted(glob.glob(os.path.join(adapter, "adapter_*"))):
             with open(path, "rb") as fh:
                 parts.append(hashlib.sha256(fh.read()).hexdigest())
+    return parts
+
+
+def model_fingerprint(spec: Any, adapter: Optional[str], seed: int, *, revision: Optional[str] = None) -> str:
+    """Like `model_identity`, but from the weight files' contents (sampled), not their path or times.
+
+    A Hub id is identified by the commit it resolves to (``hub:org/name@<commit>``, as in `model_identity`):
+    a Hub commit names its files' contents wherever the cache lies.
+    """
+    from .run_identity import weights_fingerprint
+
+    if isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
+        parts = ["weights:" + weights_fingerprint(spec, _WEIGHT_PATTERNS)]
+    else:  # a Hub id (its commit) or a random init (its config and seed, no files)
+        return model_identity(spec, adapter, seed, revision=revision)
+    parts.extend(_adapter_parts(adapter))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -157,7 +184,8 @@ def load_tokenizer(spec: Any, tokenizer: Optional[str], *, revision: Optional[st
         if isinstance(spec, str) and (os.path.isdir(spec) or hub.is_hub_id(spec)):
             path, flag = spec, "--model"
         else:
-            raise ValueError("tokenizer: the model is given as a config; pass a tokenizer directory or Hub id")
+            raise UserError("tokenizer: the model is given as a config (random init), which has no tokenizer; "
+                            "pass a tokenizer directory or Hub id (--tokenizer DIR_OR_ID)")
     tok = hub.from_pretrained(AutoTokenizer.from_pretrained, path, flag=flag,
                               revision=revision if path == spec else None, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
@@ -206,7 +234,8 @@ def _apply_lora(model: torch.nn.Module, cfg: TrainConfig, *, quantized: bool) ->
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.adapter:
         if not hub.is_hub_id(cfg.adapter) and not os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")):
-            raise ValueError(f"adapter: {cfg.adapter!r} holds no adapter_config.json")
+            raise UserError(f"adapter: {cfg.adapter!r} holds no adapter_config.json; give the folder a LoRA run "
+                            "(dpo-fast sft / peft's save_pretrained) wrote, or an adapter's Hub id")
         with hub.hub_errors(cfg.adapter, flag="--adapter", kind="adapter"):
             model = PeftModel.from_pretrained(model, cfg.adapter, adapter_name="default", is_trainable=True)
         if cfg.stage == "dpo" and not cfg.reference_free:
@@ -248,6 +277,7 @@ def load_model(cfg: TrainConfig, *, model: Optional[torch.nn.Module] = None, tok
     base = model if given else load_base_model(cfg.model, load_in_4bit=cfg.load_in_4bit, device=device,
                                                 seed=cfg.seed, revision=cfg.revision,
                                                 trust_remote_code=cfg.trust_remote_code)
+    check_supported(base)  # before LoRA: an unsupported model is named as such, not by a LoRA-target error
     quantized = bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                      or getattr(base, "is_quantized", False))
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, cfg.tokenizer, revision=cfg.revision,
@@ -263,9 +293,11 @@ def load_model(cfg: TrainConfig, *, model: Optional[torch.nn.Module] = None, tok
             model_id += ":" + model_identity(base.config, cfg.adapter, cfg.seed)
     else:
         model_id = model_identity(cfg.model, cfg.adapter, cfg.seed, revision=cfg.revision)
+    fingerprint = model_id if given else model_fingerprint(cfg.model, cfg.adapter, cfg.seed, revision=cfg.revision)
     model_obj = prepare_model(base, cfg, quantized=quantized)
     has_ref = "ref" in getattr(model_obj, "peft_config", {})
-    return LoadedModel(model=model_obj, tokenizer=tok, model_id=model_id, quantized=quantized, has_ref_adapter=has_ref)
+    return LoadedModel(model=model_obj, tokenizer=tok, model_id=model_id, quantized=quantized, has_ref_adapter=has_ref,
+                       fingerprint=fingerprint)
 
 
 def _weights_fingerprint(model: torch.nn.Module, max_tensors: int = 64) -> bytes:

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from dpo_fast.data import (LengthGroupedBatchSampler, PreferenceCollator, example_length, load_preference_rows,
-                           split_eval, tokenize_pairs)
+                           LoadReport, require_rows, split_eval, tokenize_pairs)
 from dpo_fast.data_sources import DataSource, open_source, train_and_eval_sources
 from dpo_fast.dpo import compute_dpo_loss
+from dpo_fast.errors import UserError
 from dpo_fast.forward import sequence_logps
 from dpo_fast.schemas import Columns
 from dpo_fast.patching.reference import describe_reference, reference_model
@@ -32,9 +33,10 @@ from dpo_fast.state import unwrap_parallel
 
 from . import checkpoint as ckpt
 from . import distributed
+from . import run_identity
 from .config import TrainConfig
 from .logging import PLOT_FILE, MetricsLogger, ProgressBar, _to_float, plot_metrics, read_metrics, run_title
-from .loop import LoopState, StopFlag, autocast_dtype, evaluate, run_loop
+from .loop import LoopState, NonFiniteError, StopFlag, ZeroGradWatch, autocast_dtype, evaluate, run_loop
 from .model_loading import LoadedModel, load_model
 from .optim import build_optimizer, build_scheduler
 from . import ref_cache
@@ -104,7 +106,14 @@ class DPOFastTrainer:
             return self
         cfg = self.cfg
         par = self.parallel
+        self._prepare_output()
         seed_everything(cfg.seed)
+        # the rows first (train and eval): a data source without usable rows fails in seconds, before the model loads
+        train_source, eval_source = train_and_eval_sources(
+            cfg.data, data_split=cfg.data_split, data_config=cfg.data_config, data_revision=cfg.data_revision,
+            eval_data=cfg.eval_data, eval_split=cfg.eval_split)
+        train_rows = self._rows(train_source)
+        eval_rows = self._rows(eval_source) if eval_source is not None else None
         if cfg.fsdp:
             from .fsdp import load_sharded_model
 
@@ -126,14 +135,11 @@ class DPOFastTrainer:
         if par.enabled:
             torch.manual_seed(cfg.seed + 1_000_003 * par.rank)  # the processes' dropout masks differ
 
-        train_source, eval_source = train_and_eval_sources(
-            cfg.data, data_split=cfg.data_split, data_config=cfg.data_config, data_revision=cfg.data_revision,
-            eval_data=cfg.eval_data, eval_split=cfg.eval_split)
-        examples = self._examples(train_source)
-        if eval_source is None:
+        examples = self._examples(train_source, *train_rows)
+        if eval_rows is None:
             self.train_examples, self.eval_examples = split_eval(examples, cfg.eval_fraction, seed=cfg.seed)
         else:
-            self.train_examples, self.eval_examples = examples, self._examples(eval_source)
+            self.train_examples, self.eval_examples = examples, self._examples(eval_source, *eval_rows)
         self.log(f"train pairs: {len(self.train_examples)}, eval pairs: {len(self.eval_examples)}")
         pad = self.tokenizer.pad_token_id
         self.collate = PreferenceCollator(int(pad if pad is not None else self.tokenizer.eos_token_id))
@@ -161,27 +167,75 @@ class DPOFastTrainer:
         if par.enabled and coupled:
             self.log(f"note: loss type(s) {coupled} couple the pairs of a batch; each process computes them on its "
                      f"{cfg.batch_size} pairs (as TRL under DDP does), so they differ from one process's values")
+        self.identity = run_identity.build_identity(
+            cfg, model=self.loaded.fingerprint or self.loaded.model_id,
+            tokenizer=self._tokenizer_fingerprint(),
+            train_data=ref_cache.examples_fingerprint(self.train_examples),
+            eval_data=ref_cache.examples_fingerprint(self.eval_examples), global_batch_size=self.global_batch_size)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self._ready = True
         return self
 
-    def _examples(self, source: DataSource) -> List[Dict[str, Any]]:
-        """The tokenized pairs of one data source (schemas mapped, bad rows and dropped pairs reported)."""
+    def _rows(self, source: DataSource) -> Tuple[List[Dict[str, Any]], LoadReport]:
+        """The preference rows of one data source (schemas mapped); UserError when none is usable."""
         cfg = self.cfg
         columns = Columns(prompt=cfg.prompt_column, chosen=cfg.chosen_column, rejected=cfg.rejected_column,
                           system=cfg.system_column)
-        rows, load_report = load_preference_rows(open_source(source), on_bad_row=cfg.on_bad_row, columns=columns,
-                                                 name=source.label)
+        rows, report = load_preference_rows(open_source(source), on_bad_row=cfg.on_bad_row, columns=columns,
+                                            name=source.label)
+        require_rows(report, what=_flag_name(source.flag))
+        return rows, report
+
+    def _examples(self, source: DataSource, rows: List[Dict[str, Any]], load_report: LoadReport
+                  ) -> List[Dict[str, Any]]:
+        """The tokenized pairs of one source's rows (bad rows and dropped pairs reported)."""
+        cfg = self.cfg
         self.log(load_report.summary())
         examples, tok_report = tokenize_pairs(rows, self.tokenizer, max_length=cfg.max_length,
                                               max_prompt_length=cfg.max_prompt_length,
                                               truncation_mode=cfg.truncation_mode)
         self.log(tok_report.summary())
         if not examples:
-            raise ValueError(f"{source.flag.lstrip('-').replace('-', '_')}: no usable preference pairs in {source.label} after loading and "
-                             "tokenization")
+            raise UserError(f"{_flag_name(source.flag)}: none of the {tok_report.n_in} pairs of {source.label} is "
+                            f"left after tokenization with max_length={cfg.max_length} "
+                            f"({tok_report.summary().splitlines()[0]})")
         return examples
+
+    def _tokenizer_fingerprint(self) -> str:
+        if getattr(self, "_tok_fp", None) is None:
+            self._tok_fp = run_identity.tokenizer_fingerprint(self.tokenizer)
+        return self._tok_fp
+
+    def _main_decides(self, check: Callable[[], None]) -> None:
+        """Run `check` on the main process; its UserError is raised on every process (none waits forever)."""
+        problem = None
+        if self.parallel.is_main:
+            try:
+                check()
+            except UserError as exc:
+                problem = str(exc)
+        problem = self.parallel.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+
+    def _prepare_output(self) -> None:
+        """Before anything expensive: refuse an output folder holding another run's outputs unless `overwrite`
+        (delete them) or `resume` (continue that run, checked against its recorded identity in train())."""
+        cfg = self.cfg
+
+        def check() -> None:
+            run_identity.check_output_folder(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)
+            if cfg.overwrite and run_identity.holds_a_run(cfg.output):
+                inputs = [p for p in (cfg.model, cfg.adapter, cfg.tokenizer) if isinstance(p, str)]
+                if any(os.path.abspath(p) == os.path.abspath(cfg.output) for p in inputs):
+                    raise UserError(f"overwrite: {cfg.output!r} is also an input of this run (model, adapter or "
+                                    "tokenizer); it would be deleted: write the run to another --output")
+                removed = run_identity.clear_run_outputs(cfg.output)
+                self.log(f"overwrite: deleted {len(removed)} outputs of an earlier run in {cfg.output} "
+                         f"({', '.join(os.path.basename(p) for p in removed[:5])}{', ...' if len(removed) > 5 else ''})")
+
+        self._main_decides(check)
 
     def _shuffled_batches(self, epoch: int) -> List[List[int]]:
         order = list(range(len(self.train_examples)))
@@ -213,19 +267,35 @@ class DPOFastTrainer:
             return "initial-weights"
         return describe_reference(self.model, self.ref_model)
 
-    def _precompute_reference(self) -> None:
+    def reference_cache_key(self, examples: Sequence[Dict[str, Any]]) -> str:
+        """The reference cache's key for `examples`: everything that determines their reference log-probs.
+
+        The starting weights (path, sizes, times and sampled contents of the weight files; the adapter's
+        files; a random init's config and seed), how they are loaded (4-bit, dtype, patched), which reference
+        is used, the tokenizer, every token of the examples (prompt, chosen and rejected ids), the truncation
+        settings, the loss settings that change a sequence log-prob, and the precision it is computed in.
+        """
         cfg = self.cfg
+        param = next(self.model.parameters(), None)
         settings = {"average_log_prob": cfg.average_log_prob, "ld_alpha": cfg.ld_alpha,
                     "precision": str(autocast_dtype(self.device, cfg.precision)), "device": self.device.type,
+                    "dtype": str(param.dtype) if param is not None else None,
+                    "load_in_4bit": bool(self.loaded.quantized), "patch": cfg.patch,
+                    "prefix_sharing": cfg.prefix_sharing,
                     "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                    "truncation_mode": cfg.truncation_mode}
+                    "truncation_mode": cfg.truncation_mode,
+                    "tokenizer": self._tokenizer_fingerprint()}
+        return ref_cache.cache_key(model_id=f"{self.loaded.model_id}:{self.loaded.fingerprint}",
+                                   reference=self.reference_description(), examples=examples, settings=settings)
+
+    def _precompute_reference(self) -> None:
+        cfg = self.cfg
         hits = []
         for name in ("train_examples", "eval_examples"):
             examples = getattr(self, name)
             if not examples:
                 continue
-            key = ref_cache.cache_key(model_id=self.loaded.model_id, reference=self.reference_description(),
-                                      examples=examples, settings=settings)
+            key = self.reference_cache_key(examples)
 
             def compute(examples=examples):
                 return ref_cache.compute_reference_logps(
@@ -235,7 +305,8 @@ class DPOFastTrainer:
             if self.parallel.enabled:
                 chosen, rejected, hit = self._shared_reference_logps(key, examples, compute)
             else:
-                chosen, rejected, hit = ref_cache.load_or_compute(cfg.output, key, compute, expected_len=len(examples))
+                chosen, rejected, hit = ref_cache.load_or_compute(cfg.output, key, compute, expected_len=len(examples),
+                                                                  warn=self.log)
             self.log(f"reference log-probs for {len(examples)} {name.split('_')[0]} pairs: "
                      + ("loaded from cache" if hit else "computed and cached")
                      + f" ({ref_cache.cache_path(cfg.output, key)})")
@@ -248,7 +319,8 @@ class DPOFastTrainer:
         """Several processes: the main process's cache file, or each process computes its contiguous share
         (the same number of forwards everywhere, for FSDP's collectives), gathered in order; main writes it."""
         par, cfg = self.parallel, self.cfg
-        cached = ref_cache.load_cached(cfg.output, key, expected_len=len(examples)) if par.is_main else None
+        cached = ref_cache.load_cached(cfg.output, key, expected_len=len(examples), warn=self.log) if par.is_main \
+            else None
         cached = par.broadcast_object(cached)
         if cached is not None:
             return cached[0], cached[1], True
@@ -294,9 +366,10 @@ class DPOFastTrainer:
         every process's RNG state is kept), the main process writes, and all wait until it is written.
         """
         cfg, par = self.cfg, self.parallel
+        self._check_finite_weights(state.step)
         directory = os.path.join(cfg.output, f"checkpoint-{state.step}")
         saved = dict(state.to_dict(), stage=cfg.stage, seed=cfg.seed, config=cfg.to_dict(),
-                     world_size=par.world_size, global_batch_size=self.global_batch_size)
+                     world_size=par.world_size, global_batch_size=self.global_batch_size, identity=self.identity)
         if not par.enabled and not cfg.fsdp:
             ckpt.save_checkpoint(directory, self.model, self.optimizer, self.scheduler, saved)
             ckpt.save_model_weights(self.model, cfg.output)
@@ -315,6 +388,47 @@ class DPOFastTrainer:
         par.barrier()
         return directory
 
+    def _check_finite_weights(self, step: int) -> None:
+        """NonFiniteError when a trainable weight holds NaN / Inf: nothing non-finite is ever saved."""
+        local = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in local]  # a sharded weight: this shard
+        bad = any(not bool(torch.isfinite(t).all()) for t in local)
+        if self.parallel.any(bad) if self.parallel.enabled else bad:
+            raise NonFiniteError(f"weights are not finite after step {step}: the training diverged; "
+                                 f"{self._nonfinite_hint()}", step=step, what="weights")
+
+    def _nonfinite_hint(self) -> str:
+        """How to avoid a diverged run, with this run's settings, and what was (not) saved."""
+        cfg = self.cfg
+        clip = (f"clip gradients harder (--max-grad-norm below {cfg.max_grad_norm:g})" if cfg.max_grad_norm
+                else "enable gradient clipping (--max-grad-norm 1.0; it is off)")
+        last = ckpt.latest_checkpoint(cfg.output) if self.parallel.is_main else None
+        kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written before"
+        return (f"lower --lr (now {cfg.learning_rate:g}) or {clip}, or pass --on-nonfinite skip to skip such steps. "
+                f"Nothing was saved after the divergence; {kept}")
+
+    def _checkpoint_identity(self, directory: str) -> Optional[Dict[str, Any]]:
+        """The run identity a checkpoint records (None, with a note, for a checkpoint without one)."""
+        try:
+            with open(os.path.join(directory, ckpt.STATE_JSON), encoding="utf-8") as fh:
+                recorded = json.load(fh).get("identity")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            self.log(f"resume: {directory} records no run identity (an earlier dpo_fast wrote it); "
+                     "its settings are not checked against this run's")
+            return None
+        return recorded
+
+    def _check_resume(self, resume_dir: Optional[str]) -> None:
+        """Refuse to continue a checkpoint (or, with none, a run record in the output folder) of another run."""
+        cfg = self.cfg
+        if resume_dir is not None:
+            run_identity.check_same_run(self._checkpoint_identity(resume_dir), self.identity, where=resume_dir)
+        if cfg.resume:  # the folder the resumed run writes into must hold that run too (or none)
+            run_identity.check_same_run(run_identity.read_run_record(cfg.output), self.identity,
+                                        where=f"{cfg.output} (its {run_identity.RUN_FILE})")
+
     def _load(self, directory: str) -> Dict[str, Any]:
         """Restore a checkpoint into this process (each process reads it; its own RNG state when saved)."""
         kwargs: Dict[str, Any] = {}
@@ -330,16 +444,17 @@ class DPOFastTrainer:
         """Run the training; returns a TrainResult (also after Ctrl-C, with interrupted=True)."""
         self.setup()
         cfg, par = self.cfg, self.parallel
+        state = LoopState(total_steps=self.total_steps, batches_per_epoch=self.batches_per_epoch)
+        resume_dir = self._resume_dir()  # every process checks the option; the main one's choice is taken
+        resume_dir = par.broadcast_object(resume_dir)
+        self._main_decides(lambda: self._check_resume(resume_dir))  # before any file of the run is written
         if par.is_main:
             os.makedirs(cfg.output, exist_ok=True)
+            run_identity.write_run_record(cfg.output, self.identity)
             with open(os.path.join(cfg.output, FINAL_STATE_FILE), "w", encoding="utf-8") as fh:
                 json.dump(cfg.to_dict(), fh, indent=2, default=str)
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(cfg.output)
-
-        state = LoopState(total_steps=self.total_steps, batches_per_epoch=self.batches_per_epoch)
-        resume_dir = self._resume_dir()  # every process checks the option; the main one's choice is taken
-        resume_dir = par.broadcast_object(resume_dir)
         if resume_dir is not None:
             saved = self._load(resume_dir)
             if int(saved.get("world_size", 1)) != par.world_size:
@@ -363,9 +478,15 @@ class DPOFastTrainer:
             result.initial_eval_metrics = self.evaluate()
             logger.log(0, result.initial_eval_metrics)
         bar = ProgressBar(self.total_steps, initial=state.step, enabled=cfg.progress and par.is_main, desc=cfg.stage)
+        zero_grads = ZeroGradWatch()
 
         def on_step(st: LoopState, record: Dict[str, float]) -> None:
             bar.update(record)
+            if st.skipped is not None:
+                self.log(f"warning: step {st.step} skipped (no update): {st.skipped} (--on-nonfinite skip)")
+            collapsed = zero_grads.update(st.step, record["grad_norm"])
+            if collapsed is not None:
+                self.log(collapsed)
             if st.step % cfg.logging_steps == 0 or st.step == st.total_steps:
                 st.history.append(logger.log(st.step, record))
             if cfg.eval_steps and self.eval_examples and st.step % cfg.eval_steps == 0 and st.step < st.total_steps:
@@ -379,9 +500,15 @@ class DPOFastTrainer:
                          collate=self.collate, order_fn=self.order_fn, loss_fn=self.loss_fn, state=state,
                          grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, device=self.device,
                          precision=cfg.precision, on_step=on_step, stop=stop, parallel=par,
-                         loss_weight=self.loss_weight if cfg.stage == "sft" else None)
+                         loss_weight=self.loss_weight if cfg.stage == "sft" else None, on_nonfinite=cfg.on_nonfinite)
         except KeyboardInterrupt:
             state.interrupted = True
+        except NonFiniteError as exc:
+            logger.close()
+            if exc.what == "weights":  # from a periodic save: its message is complete
+                raise
+            raise NonFiniteError(f"{exc.what} is not finite ({exc.value}) at step {exc.step}: the training diverged; "
+                                 f"{self._nonfinite_hint()}", step=exc.step, what=exc.what, value=exc.value) from None
         finally:
             bar.close()
         result.interrupted = state.interrupted
@@ -405,6 +532,11 @@ class DPOFastTrainer:
                 result.merged_dir = ckpt.save_merged(self.model, os.path.join(cfg.output, "merged"), self.tokenizer)
             par.barrier()
         return result
+
+
+def _flag_name(flag: str) -> str:
+    """'--eval-data' -> 'eval_data': how errors name a data option (the TrainConfig field)."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 def _silent(text: str) -> None:
