@@ -115,3 +115,36 @@ def snapshot_commit(repo_id: str, filename: str, *, flag: str, revision: Optiona
 def identity(repo_id: str, filename: str, *, flag: str, revision: Optional[str] = None) -> str:
     """A stable identity of a Hub checkpoint or adapter: ``hub:org/name@<commit>``."""
     return f"hub:{repo_id}@{snapshot_commit(repo_id, filename, flag=flag, revision=revision)}"
+
+
+def _snapshot_cached(repo_id: str, revision: Optional[str]) -> bool:
+    """Whether the cache holds a snapshot of model repo `repo_id` at `revision` (a branch / tag ref or a commit)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    rev = revision or "main"
+    return os.path.isfile(os.path.join(folder, "refs", rev)) or os.path.isdir(os.path.join(folder, "snapshots", rev))
+
+
+def cached_file(repo_id: str, filename: str, *, flag: str, revision: Optional[str] = None, kind: str = "model",
+                strict: bool = False) -> Optional[str]:
+    """The local path of one small file of a Hub model repo (from the cache, downloaded when online), or None
+    when the repository has no such file. Not cached while offline (and the like) is its one-line `UserError`;
+    so is, with `strict`, a cached snapshot without the file while the Hub cannot tell whether the repo has it.
+
+    Lets a run check a Hub id (its config.json, adapter_config.json) before any weights load.
+    """
+    from huggingface_hub import errors, hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except errors.EntryNotFoundError as exc:
+        if isinstance(exc, errors.LocalEntryNotFoundError) and (strict or not _snapshot_cached(repo_id, revision)):
+            raise (hub_user_error(exc, repo_id, flag=flag, revision=revision, kind=kind) or exc) from exc
+        return None  # the repository (on the Hub, or its cached snapshot) lacks the file
+    except (OSError, ValueError) as exc:
+        error = hub_user_error(exc, repo_id, flag=flag, revision=revision, kind=kind)
+        if error is None:
+            raise
+        raise error from exc
