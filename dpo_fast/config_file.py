@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from dpo_fast.errors import UserError
 
 CONFIG_FILE_NAME = "config.yaml"
-_OWN_FLAGS = ("--config", "--print-config")
+#: command-line-only flags: not read from the file, not part of the effective configuration
+_OWN_FLAGS = ("--config", "--print-config", "--debug")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +137,9 @@ def apply_config(parser: argparse.ArgumentParser, values: Dict[str, Any], path: 
     for raw_key, value in values.items():
         key = str(raw_key).lstrip("-").replace("-", "_")
         action = actions.get(key)
+        if action is None and "--" + key.replace("_", "-") in _OWN_FLAGS:
+            raise UserError(f"--config: {path}: {str(raw_key)!r} is a command-line option only; drop it from the "
+                            f"file and pass --{key.replace('_', '-')} on the command line")
         if action is None:
             close = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.6)
             hint = (f"; did you mean {' or '.join(repr(c.replace('_', '-')) for c in close)}?" if close
