@@ -205,6 +205,9 @@ def test_train_command_pins_cpu_threads_and_restores_them(monkeypatch, tmp_path,
         def __init__(self, config):
             self.config, self.parallel = config, Parallel()
 
+        def setup(self):
+            return self
+
         def train(self):
             seen.append(torch.get_num_threads())
             return TrainResult(output_dir=self.config.output, steps=0, interrupted=False)
