@@ -85,6 +85,31 @@ def test_train_from_a_hub_model_id_offline(cache, tmp_path, capsys):
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r] == [1, 2]
     assert os.path.isfile(out / "adapter_model.safetensors")
     assert json.loads((out / "train_config.json").read_text())["model"] == "org/tiny"
+    # the run's identity names the commit the id resolved to, so another revision is another run
+    assert json.loads((out / "run.json").read_text())["identity"]["model"] == f"hub:org/tiny@{MAIN}"
+
+
+def test_a_hub_model_of_an_unsupported_architecture_is_named_before_its_weights(cache, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    config_only = tmp_path / "gpt2_config"
+    config_only.mkdir()
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(config_only)  # config.json alone: no weights cached
+    put_in_hub_cache(cache, "org/gpt", config_only, "d" * 40)
+    code, err = run_cli(["train", "--model", "org/gpt", "--data", _data(tmp_path), "--output", str(tmp_path / "o"),
+                         "--device", "cpu"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "--model org/gpt" in err and "model_type='gpt2'" in err, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_folder_without_preference_data_files_is_refused_before_loading(cache, tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")  # load_dataset would read it as a 'text' column, never pairs
+    code, err = run_cli(["train", "--model", "org/tiny", "--data", _data(tmp_path), "--eval-data", str(folder),
+                         "--output", str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert code == 2 and err.strip().startswith("dpo-fast: error: --eval-data") and "save_to_disk" in err, err
 
 
 def test_revision_picks_the_snapshot_and_names_the_commit(cache, tmp_path):
@@ -100,6 +125,8 @@ def test_revision_picks_the_snapshot_and_names_the_commit(cache, tmp_path):
     # the reference cache key follows the weights: another revision is another model
     assert main_model.model_id == model_identity("org/tiny", None, 42)
     assert main_model.model_id != v2_model.model_id
+    # the run identity's model: the commit each revision resolves to
+    assert (main_model.fingerprint, v2_model.fingerprint) == (f"hub:org/tiny@{MAIN}", f"hub:org/tiny@{V2}")
     assert len(main_model.tokenizer) == len(v2_model.tokenizer) > 0
 
 

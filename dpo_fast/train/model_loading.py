@@ -111,14 +111,22 @@ def _adapter_parts(adapter: Optional[str]) -> List[str]:
 def model_fingerprint(spec: Any, adapter: Optional[str], seed: int, *, revision: Optional[str] = None) -> str:
     """Like `model_identity`, but from the weight files' contents (sampled), not their path or times.
 
-    A Hub id is identified by the commit it resolves to (``hub:org/name@<commit>``, as in `model_identity`):
-    a Hub commit names its files' contents wherever the cache lies.
+    A Hub id is the commit it resolves to, ``hub:org/name@<commit>`` (a Hub commit names its files' contents
+    wherever the cache lies), with its adapter's commit or files' hash after `` + ``.
     """
     from .run_identity import weights_fingerprint
 
+    if hub.is_hub_id(spec):  # readable in run.json: which repo at which commit (and adapter)
+        parts = [hub.identity(spec, "config.json", flag="--model", revision=revision)]
+        adapter_parts = _adapter_parts(adapter)
+        if adapter and hub.is_hub_id(adapter):
+            parts.extend(adapter_parts)
+        elif adapter_parts:
+            parts.append("adapter:" + hashlib.sha256("\n".join(adapter_parts).encode()).hexdigest())
+        return " + ".join(parts)
     if isinstance(spec, str) and os.path.isdir(spec) and _has_weights(spec):
         parts = ["weights:" + weights_fingerprint(spec, _WEIGHT_PATTERNS)]
-    else:  # a Hub id (its commit) or a random init (its config and seed, no files)
+    else:  # a random init: its config and seed, no files
         return model_identity(spec, adapter, seed, revision=revision)
     parts.extend(_adapter_parts(adapter))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
