@@ -1,4 +1,4 @@
-"""dpo_fast: DPO for Llama-family QLoRA models without materializing the [tokens, vocab] logits.
+"""dpo_fast: DPO for QLoRA models (Llama family, Gemma, Phi-3) without materializing the [tokens, vocab] logits.
 
 Nothing is patched on import. Public names are imported lazily so that `import dpo_fast`
 stays cheap and importing it never touches transformers or triton.
@@ -27,6 +27,7 @@ _EXPORTS = {
     "patch": "dpo_fast.patching",
     "unpatch": "dpo_fast.patching",
     "is_patched": "dpo_fast.patching",
+    "patch_report": "dpo_fast.patching",
     "add_reference_adapter": "dpo_fast.patching",
     "compute_dpo_loss": "dpo_fast.dpo",
     "load_preference_rows": "dpo_fast.data",

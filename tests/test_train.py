@@ -497,3 +497,21 @@ def test_ref_cache_key_depends_on_model_data_and_settings():
     assert k != ref_cache.cache_key(**{**base, "reference": "adapter:ref"})
     assert k != ref_cache.cache_key(**{**base, "settings": {"ld_alpha": 0.5}})
     assert k != ref_cache.cache_key(**{**base, "examples": [dict(ex[0], chosen_ids=[5])]})
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_saving_draws_no_shard_progress_bar_and_restores_the_setting(tmp_path, capfd, peft):
+    """A checkpoint save prints no "Writing model shards" bar (transformers draws one per save_pretrained),
+    and the user's progress-bar setting is back as it was afterwards."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=40))
+    if peft:
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    hf_logging.enable_progress_bar()
+    ckpt.save_model_weights(model, str(tmp_path / "w"))
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    assert os.listdir(tmp_path / "w")

@@ -15,7 +15,8 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Callable, Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -28,6 +29,21 @@ STATE_JSON = "trainer_state.json"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
+@contextmanager
+def _no_shard_bar() -> Iterator[None]:
+    """transformers draws a "Writing model shards" progress bar on every save_pretrained; a checkpoint is one
+    line of the run's own log, so the bar is off while we save (and restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_model_weights(model: torch.nn.Module, directory: str,
                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """The trainable weights: the "default" LoRA adapter (peft format) or the whole model.
@@ -36,10 +52,11 @@ def save_model_weights(model: torch.nn.Module, directory: str,
     """
     os.makedirs(directory, exist_ok=True)
     kwargs = {} if state_dict is None else {"state_dict": state_dict}
-    if is_peft_model(model):
-        model.save_pretrained(directory, selected_adapters=["default"], **kwargs)
-    else:
-        model.save_pretrained(directory, **kwargs)
+    with _no_shard_bar():
+        if is_peft_model(model):
+            model.save_pretrained(directory, selected_adapters=["default"], **kwargs)
+        else:
+            model.save_pretrained(directory, **kwargs)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -167,7 +184,8 @@ def save_merged(model: torch.nn.Module, directory: str, tokenizer: Any = None) -
         clone.set_adapter("default")
         target = clone.merge_and_unload()
     unpatch(target)
-    target.save_pretrained(directory)
+    with _no_shard_bar():
+        target.save_pretrained(directory)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)
     return directory
