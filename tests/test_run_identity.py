@@ -61,6 +61,7 @@ def test_overwrite_clears_the_earlier_run_and_keeps_the_reference_cache(tok, tmp
     first = make_cfg(tok, tmp_path, max_steps=4, save_steps=2, precompute_ref=True)
     train(first, tokenizer=tok, log=lambda s: None)
     (tmp_path / "run" / "mine.txt").write_text("not a run output")
+    (tmp_path / "run" / "config.yaml").write_text("seed: 1\n")  # what the CLI writes beside a run (--config)
     assert {"checkpoint-2", "checkpoint-4", "ref_cache"} <= set(listing(first.output))
     second = copy.copy(first)
     second.seed, second.max_steps, second.save_steps, second.overwrite = first.seed + 1, 1, None, True
@@ -70,7 +71,7 @@ def test_overwrite_clears_the_earlier_run_and_keeps_the_reference_cache(tok, tmp
     assert any(line.startswith("overwrite: deleted") for line in logs)
     names = listing(first.output)
     assert "checkpoint-1" in names and "checkpoint-2" not in names and "checkpoint-4" not in names
-    assert "mine.txt" in names and "ref_cache" in names
+    assert "mine.txt" in names and "ref_cache" in names and "config.yaml" not in names
     assert steps_logged(first.output) == [1] and result.steps == 1
     assert run_identity.read_run_record(first.output) == trainer.identity  # the new run's record
     with pytest.raises(ValueError, match="overwrite"):

@@ -27,7 +27,8 @@ RUN_FILE = "run.json"
 #: files and folders a run writes into its output folder (besides ref_cache/, a keyed and checked cache that
 #: later runs may reuse); their presence means the folder holds a run's outputs
 RUN_OUTPUT_PATTERNS = (
-    RUN_FILE, "train_config.json", "metrics.jsonl", "training_curves.png", "checkpoint-*", "runs", "merged",
+    RUN_FILE, "train_config.json", "config.yaml", "metrics.jsonl", "training_curves.png", "checkpoint-*", "runs",
+    "merged",
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
     "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
     "model.safetensors.index.json", "pytorch_model*.bin",
