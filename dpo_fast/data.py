@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 
 from dpo_fast.errors import UserError
-from dpo_fast.schemas import Columns, RowSchemaError, to_preference_row
+from dpo_fast.schemas import Columns, RowSchemaError, common_prefix_len, to_preference_row
 
 ON_BAD_ROW = ("skip", "error")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -331,15 +331,6 @@ def _check_messages(messages: Any, key: str) -> list[dict]:
     return out
 
 
-def _common_prefix_len(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _check_conversational(row: dict) -> tuple[dict, str]:
     for key in ("chosen", "rejected"):
         if not isinstance(row[key], list):
@@ -354,7 +345,7 @@ def _check_conversational(row: dict) -> tuple[dict, str]:
         prompt = _check_messages(row["prompt"], "prompt")
         fmt = "conversational"
     else:  # implicit prompt: the shared leading messages
-        k = _common_prefix_len(chosen, rejected)
+        k = common_prefix_len(chosen, rejected)
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
         if not prompt:
             raise _Bad("bad_roles", "implicit prompt: chosen and rejected share no leading message")
@@ -383,7 +374,7 @@ def _check_standard(row: dict) -> tuple[dict, str]:
             raise _Bad("non_string_content", f"'prompt' is {type(row['prompt']).__name__}, not a string")
         prompt, fmt = row["prompt"], "standard"
     else:  # implicit prompt: the shared leading characters; a space before the split goes to the completions
-        k = _common_prefix_len(chosen, rejected)
+        k = common_prefix_len(chosen, rejected)
         if k > 0 and chosen[k - 1] == " ":
             k -= 1
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]

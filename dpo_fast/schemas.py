@@ -21,7 +21,7 @@ which dpo_fast.data reports with the row's line / index like any other bad row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
@@ -56,7 +56,8 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def _shared_turns(a: list, b: list) -> int:
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    """How many leading items (turns, token ids) two sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -86,7 +87,7 @@ def _prompt_and_messages(prompt: str, chosen: list, rejected: list) -> tuple[lis
     """A prompt string plus message lists that repeat it (HuggingFaceH4/ultrafeedback_binarized)."""
     if chosen == rejected:
         raise RowSchemaError("identical_completions", "chosen == rejected")
-    k = _shared_turns(chosen, rejected)
+    k = common_prefix_len(chosen, rejected)
     if k == 0:  # the lists hold the replies only
         return [{"role": "user", "content": prompt}], chosen, rejected
     shared = chosen[:k]

@@ -196,24 +196,31 @@ def test_rope_rejects_mismatched_cos(device):
 
 # ----------------------------------------------------------------------------------------------- SwiGLU
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 13, 77), gpu_case((2, 257, 14336), id="8b-mlp")])
-def test_swiglu_matches_silu_times_up(backend, dtype, shape, device):
+def _check_gated(g, backend, dtype, activation, hf_name):
+    """swiglu(gate, up, activation) and its gradients against float64 autograd of transformers' own activation
+    (ACT2FN[hf_name](gate) * up); returns the kernel's and the reference's gate leaves."""
     from transformers.activations import ACT2FN
 
-    g = (2 * torch.randn(shape, device=device)).to(dtype)
-    u = torch.randn(shape, device=device).to(dtype)
-    dh = torch.randn(shape, device=device).to(dtype)
+    g = g.to(dtype)
+    u = torch.randn(g.shape, device=g.device).to(dtype)
+    dh = torch.randn(g.shape, device=g.device).to(dtype)
     ga, ua = leaf(g), leaf(u)
-    h = swiglu(ga, ua, backend=backend)
+    h = swiglu(ga, ua, activation=activation, backend=backend)
     h.backward(dh)
     gr, ur = leaf(g.double()), leaf(u.double())
-    hr = ACT2FN["silu"](gr) * ur
+    hr = ACT2FN[hf_name](gr) * ur
     hr.backward(dh.double())
     tol = TOL[dtype]
     assert h.dtype == dtype
     assert rel(h, hr) < tol and rel(ga.grad, gr.grad) < tol and rel(ua.grad, ur.grad) < tol
+    return ga, gr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 13, 77), gpu_case((2, 257, 14336), id="8b-mlp")])
+def test_swiglu_matches_silu_times_up(backend, dtype, shape, device):
+    _check_gated(2 * torch.randn(shape, device=device), backend, dtype, "silu", "silu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -221,20 +228,8 @@ def test_swiglu_matches_silu_times_up(backend, dtype, shape, device):
 def test_geglu_matches_gelu_tanh_times_up(backend, dtype, device):
     """activation="gelu_tanh": Gemma's gelu_pytorch_tanh(gate) * up, against float64 autograd (gate values
     from -12 to 12, where tanh saturates and the slope's 1 - tanh^2 must not cancel)."""
-    from transformers.activations import ACT2FN
-
-    g = (4 * torch.randn(3, 13, 77, device=device)).clamp(-12, 12).to(dtype)
-    u = torch.randn(3, 13, 77, device=device).to(dtype)
-    dh = torch.randn(3, 13, 77, device=device).to(dtype)
-    ga, ua = leaf(g), leaf(u)
-    h = swiglu(ga, ua, activation="gelu_tanh", backend=backend)
-    h.backward(dh)
-    gr, ur = leaf(g.double()), leaf(u.double())
-    hr = ACT2FN["gelu_pytorch_tanh"](gr) * ur
-    hr.backward(dh.double())
-    tol = TOL[dtype]
-    assert h.dtype == dtype
-    assert rel(h, hr) < tol and rel(ga.grad, gr.grad) < tol and rel(ua.grad, ur.grad) < tol
+    g = (4 * torch.randn(3, 13, 77, device=device)).clamp(-12, 12)
+    ga, gr = _check_gated(g, backend, dtype, "gelu_tanh", "gelu_pytorch_tanh")
     # elementwise too: no element may be off by more than a few of its dtype's ulps of the largest value
     scale = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     assert ((ga.grad.double() - gr.grad).abs() <= scale * (1 + gr.grad.abs())).all()
