@@ -200,7 +200,9 @@ def test_softcap_saturated_logits(backend, trainable, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_off_is_the_plain_head(backend, device):
-    """softcap None and 0 are the same (bitwise) plain head; a huge cap approaches it."""
+    """softcap None and 0 are the same (bitwise) plain head; a huge cap approaches it (at c = 1e5 the cap moves
+    these logits by ~1e-9 relative, below fp32's resolution, so it may even be bitwise equal: that the cap is
+    applied at all is test_softcap_changes_the_answer's and the float64 tests' job)."""
     dev = _dev(backend, device)
     hidden, weight, bias, labels = _make((3, 11), 24, 300, 3.0, False, True, device=dev)
     with use_backend(backend), torch.no_grad():
@@ -209,7 +211,7 @@ def test_softcap_off_is_the_plain_head(backend, device):
         none = linear_log_probs(hidden, weight, labels, bias=bias, softcap=None)
         huge = linear_log_probs(hidden, weight, labels, bias=bias, softcap=1e5)
     assert torch.equal(plain, zero) and torch.equal(plain, none)
-    assert _rel(huge, plain) < 1e-5 and not torch.equal(huge, plain)
+    assert _rel(huge, plain) < 1e-5
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "30", True, torch.tensor(30.0)])
