@@ -56,9 +56,12 @@ def _field_bytes(value: Any) -> bytes:
 
 
 def cache_key(*, model_id: str, reference: str, examples: Sequence[Dict[str, Any]],
-              settings: Dict[str, Any]) -> str:
-    """The cache file name stem for this model / reference / data / tokenization / loss settings."""
-    payload = json.dumps({"model": model_id, "reference": reference, "examples": examples_fingerprint(examples),
+              settings: Dict[str, Any], fingerprint: Optional[str] = None) -> str:
+    """The cache file name stem for this model / reference / data / tokenization / loss settings
+    (`fingerprint`: `examples_fingerprint(examples)`, when the caller has computed it already)."""
+    if fingerprint is None:
+        fingerprint = examples_fingerprint(examples)
+    payload = json.dumps({"model": model_id, "reference": reference, "examples": fingerprint,
                           "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

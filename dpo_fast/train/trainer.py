@@ -141,6 +141,9 @@ class DPOFastTrainer:
         else:
             self.train_examples, self.eval_examples = examples, self._examples(eval_source, *eval_rows)
         self.log(f"train pairs: {len(self.train_examples)}, eval pairs: {len(self.eval_examples)}")
+        # hashed once: the run identity and the reference cache's keys both read them
+        self.data_fingerprints = {name: ref_cache.examples_fingerprint(getattr(self, name))
+                                  for name in ("train_examples", "eval_examples")}
         pad = self.tokenizer.pad_token_id
         self.collate = PreferenceCollator(int(pad if pad is not None else self.tokenizer.eos_token_id))
 
@@ -170,8 +173,8 @@ class DPOFastTrainer:
         self.identity = run_identity.build_identity(
             cfg, model=self.loaded.fingerprint or self.loaded.model_id,
             tokenizer=self._tokenizer_fingerprint(),
-            train_data=ref_cache.examples_fingerprint(self.train_examples),
-            eval_data=ref_cache.examples_fingerprint(self.eval_examples), global_batch_size=self.global_batch_size)
+            train_data=self.data_fingerprints["train_examples"], eval_data=self.data_fingerprints["eval_examples"],
+            global_batch_size=self.global_batch_size)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self._ready = True
@@ -267,13 +270,15 @@ class DPOFastTrainer:
             return "initial-weights"
         return describe_reference(self.model, self.ref_model)
 
-    def reference_cache_key(self, examples: Sequence[Dict[str, Any]]) -> str:
+    def reference_cache_key(self, examples: Sequence[Dict[str, Any]],
+                            fingerprint: Optional[str] = None) -> str:
         """The reference cache's key for `examples`: everything that determines their reference log-probs.
 
         The starting weights (path, sizes, times and sampled contents of the weight files; the adapter's
         files; a random init's config and seed), how they are loaded (4-bit, dtype, patched), which reference
         is used, the tokenizer, every token of the examples (prompt, chosen and rejected ids), the truncation
         settings, the loss settings that change a sequence log-prob, and the precision it is computed in.
+        `fingerprint`: ref_cache.examples_fingerprint(examples), when already computed (setup keeps them).
         """
         cfg = self.cfg
         param = next(self.model.parameters(), None)
@@ -286,7 +291,8 @@ class DPOFastTrainer:
                     "truncation_mode": cfg.truncation_mode,
                     "tokenizer": self._tokenizer_fingerprint()}
         return ref_cache.cache_key(model_id=f"{self.loaded.model_id}:{self.loaded.fingerprint}",
-                                   reference=self.reference_description(), examples=examples, settings=settings)
+                                   reference=self.reference_description(), examples=examples, settings=settings,
+                                   fingerprint=fingerprint)
 
     def _precompute_reference(self) -> None:
         cfg = self.cfg
@@ -295,7 +301,7 @@ class DPOFastTrainer:
             examples = getattr(self, name)
             if not examples:
                 continue
-            key = self.reference_cache_key(examples)
+            key = self.reference_cache_key(examples, self.data_fingerprints[name])
 
             def compute(examples=examples):
                 return ref_cache.compute_reference_logps(
